@@ -1,0 +1,33 @@
+# Sealer: `make demo` runs the main job end to end, `make test` runs the tests.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: install test demo lint bench bench-quick reliability clean
+
+install: $(STAMP)
+
+# torch is installed first and pinned: an unpinned torch pulls a multi-GB CUDA build.
+# open-clip-torch only supplies the CLIP BPE merges file; --no-deps keeps torchvision out.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[engine,test]'
+	$(BIN)/pip install -q --no-deps open-clip-torch==3.3.0
+	touch $(STAMP)
+
+test: install
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+demo: install
+	$(BIN)/python scripts/demo.py
+
+lint: install
+	$(BIN)/python -m compileall -q api core worker migrations tests
+	$(BIN)/hadolint docker/api.Dockerfile docker/worker.Dockerfile
+
+clean:
+	rm -rf $(VENV) .data demo-out .pytest_cache
