@@ -161,9 +161,10 @@ def _plain_copy(unet, device):
     """Return a frozen copy of `unet` with default attention processors."""
     import copy
 
+    from core.engine.attention import reset_attention_processors
+
     copied = copy.deepcopy(unet).to(device=device).eval().requires_grad_(False)
-    if hasattr(copied, "set_default_attn_processor"):
-        copied.set_default_attn_processor()
+    reset_attention_processors(copied)
     return copied
 
 

@@ -162,3 +162,10 @@ def combine_maps(maps: list[torch.Tensor], latent_hw: tuple[int, int], resolutio
         resized.append(grid)
     combined = torch.stack(resized).mean(dim=0)  # (L, B, Nt, R, R) -> (B, Nt, R, R)
     return combined * combined.shape[1]
+
+
+def reset_attention_processors(unet: torch.nn.Module) -> None:
+    """Put the standard SDPA processor back on every attention module (for sampling copies)."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    unet.set_attn_processor(AttnProcessor2_0())

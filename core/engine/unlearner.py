@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from core.components import Components
-from core.engine.attention import AttentionStore, combine_maps, install_capture
+from core.engine.attention import AttentionStore, combine_maps, install_capture, reset_attention_processors
 from core.engine.ema import EMA
 from core.engine.prompts import GENERIC_PROMPTS
 from core.engine.triggers import TokenAlignment, TriggeredPrompt, localize, place_trigger, trigger_token_ids
@@ -372,8 +372,7 @@ class Unlearner:
     def sanitized_unet(self) -> torch.nn.Module:
         """Return a frozen UNet with the output weights, with default attention processors."""
         unet = copy.deepcopy(self.student).eval().requires_grad_(False)
-        if hasattr(unet, "set_default_attn_processor"):
-            unet.set_default_attn_processor()
+        reset_attention_processors(unet)
         unet.load_state_dict(self.sanitized_state_dict(), strict=True)
         return unet.to(self.device)
 
