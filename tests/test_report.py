@@ -301,6 +301,7 @@ def test_report_from_real_evaluation(tmp_path):
     )
     before = evaluate.evaluate_model(components, spec)
     after = evaluate.evaluate_model(components, spec, unet=tiny_models.tiny_components(seed=1).unet)
+
     report.write_report(
         tmp_path,
         spec=spec,
@@ -313,13 +314,16 @@ def test_report_from_real_evaluation(tmp_path):
         steps=0,
         seconds={"evaluating_before": before.seconds},
     )
+
     data = json.loads((tmp_path / "report.json").read_text(encoding="utf-8"))
     assert data["before"]["attack_success_rate"] is None
     assert data["removal_rate"] is None
     assert data["verdict"].startswith("Trigger influence")
     assert [trigger["token_count"] for trigger in data["triggers"]] == [2, 1]
+
     with Image.open(tmp_path / "samples.png") as picture:
         # Columns: clean and two triggers, before and after.
         assert picture.size == report.GridLayout.for_images(2, 6, 16, 16).size
+
     page = (tmp_path / "report.html").read_text(encoding="utf-8")
     assert page.count('src="data:image/png;base64,') == 3

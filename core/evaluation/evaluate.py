@@ -218,6 +218,96 @@ def _resolve_classifier(spec: JobSpec, classifier):
     return None
 
 
+@dataclass
+class _Plan:
+    """What one evaluation samples: items (prompt, seed), which count for the ASR, and the passes."""
+
+    item_prompts: list[str]
+    seeds: list[int]
+    item_labels: list[str] | None
+    item_mask: np.ndarray  # (N,) bool: items that count for the attack success rate
+    passes: dict[str, float]  # "guided" and, when sampled separately, "unguided" -> guidance scale
+    also_unguided: bool
+    grid_indices: list[int]
+    notes: list[str]
+
+    def unguided(self, values: dict):
+        """Return the unguided entry of a per-pass dict, or None without `also_unguided`.
+
+        A guidance scale of 1 or less already samples without guidance, so then the guided
+        pass is the unguided one too.
+        """
+        if not self.also_unguided:
+            return None
+        return values["unguided"] if "unguided" in self.passes else values["guided"]
+
+
+def _plan(spec: JobSpec) -> _Plan:
+    evaluation, attack = spec.evaluation, spec.attack
+    notes = []
+
+    # Items: every prompt repeated images_per_prompt times, each with its own seed.
+    per_prompt = evaluation.images_per_prompt
+    item_prompts = [prompt for prompt in evaluation.prompts for _ in range(per_prompt)]
+    seeds = [evaluation.seed + index for index in range(len(item_prompts))]
+    item_labels = None
+    if evaluation.prompt_labels is not None:
+        item_labels = [label for label in evaluation.prompt_labels for _ in range(per_prompt)]
+
+    # Items that count for the attack success rate.
+    prompt_mask = _success_mask(spec)
+    item_mask = np.ones(len(item_prompts), dtype=bool) if prompt_mask is None else np.repeat(prompt_mask, per_prompt)
+    if attack.kind != "none" and not item_mask.any():
+        notes.append(
+            f"no evaluation prompt is labelled {attack.source_class!r} (attack.source_class), "
+            "so the attack success rate is not measured"
+        )
+        logger.warning(notes[-1])
+    if attack.kind == "object" and prompt_mask is None:
+        notes.append("every prompt counts for the attack success rate: no prompt labels or source class given")
+
+    # Sampling passes: the guided one and, unless the guided one is already unguided, scale 1.
+    guidance_scale = evaluation.guidance_scale if evaluation.guidance_scale is not None else DEFAULT_GUIDANCE_SCALE
+    passes = {"guided": guidance_scale}
+    if evaluation.also_unguided and guidance_scale > UNGUIDED_SCALE:
+        passes["unguided"] = UNGUIDED_SCALE
+
+    grid_count = min(evaluation.sample_grid_prompts, len(evaluation.prompts))
+    return _Plan(
+        item_prompts=item_prompts,
+        seeds=seeds,
+        item_labels=item_labels,
+        item_mask=item_mask,
+        passes=passes,
+        also_unguided=evaluation.also_unguided,
+        grid_indices=[index * per_prompt for index in range(grid_count)],
+        notes=notes,
+    )
+
+
+def _evaluate_trigger(
+    spec: JobSpec, trigger_index: int, plan: _Plan, sample: _Sampler, clean: dict[str, np.ndarray], classifier
+) -> TriggerResult:
+    """Sample the triggered prompts of one trigger with the clean images' seeds and score them."""
+    trigger = spec.triggers[trigger_index]
+    prompts_with_trigger = triggered_prompts(spec, plan.item_prompts, trigger_index)
+    success, influence, images = {}, {}, {}
+    for name, scale in plan.passes.items():
+        images[name] = sample(prompts_with_trigger, plan.seeds, scale)
+        success[name] = _attack_rate(images[name], spec.attack, classifier, plan.item_mask)
+        influence[name] = metrics.trigger_influence(clean[name], images[name])
+    return TriggerResult(
+        text=trigger.text,
+        placement=trigger.placement,
+        attack_success_rate=success["guided"],
+        attack_success_rate_unguided=plan.unguided(success),
+        trigger_influence=influence["guided"],
+        trigger_influence_unguided=plan.unguided(influence),
+        grid_prompts=[prompts_with_trigger[index] for index in plan.grid_indices],
+        grid_images=images["guided"][plan.grid_indices],
+    )
+
+
 def evaluate_model(
     components: Components,
     spec: JobSpec,
@@ -244,98 +334,54 @@ def evaluate_model(
             field="evaluation.prompts",
         )
     classifier = _resolve_classifier(spec, classifier)
-    notes = []
-
-    # Items: every prompt repeated images_per_prompt times, each with its own seed.
-    per_prompt = evaluation.images_per_prompt
-    item_prompts = [prompt for prompt in evaluation.prompts for _ in range(per_prompt)]
-    seeds = [evaluation.seed + index for index in range(len(item_prompts))]
-    item_labels = None
-    if evaluation.prompt_labels is not None:
-        item_labels = [label for label in evaluation.prompt_labels for _ in range(per_prompt)]
-    prompt_mask = _success_mask(spec)
-    item_mask = np.ones(len(item_prompts), dtype=bool) if prompt_mask is None else np.repeat(prompt_mask, per_prompt)
-    if attack.kind != "none" and not item_mask.any():
-        notes.append(
-            f"no evaluation prompt is labelled {attack.source_class!r} (attack.source_class), "
-            "so the attack success rate is not measured"
-        )
-        logger.warning(notes[-1])
-    if attack.kind == "object" and prompt_mask is None:
-        notes.append("every prompt counts for the attack success rate: no prompt labels or source class given")
-
-    guidance_scale = evaluation.guidance_scale if evaluation.guidance_scale is not None else DEFAULT_GUIDANCE_SCALE
-    passes = {"guided": guidance_scale}
-    if evaluation.also_unguided and guidance_scale > UNGUIDED_SCALE:
-        passes["unguided"] = UNGUIDED_SCALE
-    total = len(item_prompts) * (1 + len(spec.triggers)) * len(passes)
+    plan = _plan(spec)
+    total = len(plan.item_prompts) * (1 + len(spec.triggers)) * len(plan.passes)
     sample = _Sampler(components, spec, unet=unet, device=device, on_batch=on_batch, total=total)
-    grid_count = min(evaluation.sample_grid_prompts, len(evaluation.prompts))
-    grid_indices = [index * per_prompt for index in range(grid_count)]
     logger.info(
         "evaluating %d prompts x %d images with %d triggers at guidance %s%s: %d images to sample",
         len(evaluation.prompts),
-        per_prompt,
+        evaluation.images_per_prompt,
         len(spec.triggers),
-        guidance_scale,
-        " and unguided" if "unguided" in passes else "",
+        plan.passes["guided"],
+        " and unguided" if "unguided" in plan.passes else "",
         total,
     )
 
     # Clean images per pass: false positives and clean accuracy.
-    clean = {name: sample(item_prompts, seeds, scale) for name, scale in passes.items()}
-    false_positive = {name: _attack_rate(clean[name], attack, classifier, item_mask) for name in passes}
-    accuracy = {name: _accuracy(clean[name], classifier, item_labels) for name in passes}
+    clean = {name: sample(plan.item_prompts, plan.seeds, scale) for name, scale in plan.passes.items()}
+    false_positive = {name: _attack_rate(clean[name], attack, classifier, plan.item_mask) for name in plan.passes}
+    accuracy = {name: _accuracy(clean[name], classifier, plan.item_labels) for name in plan.passes}
 
-    # Triggered images per trigger and pass, same seeds: attack success and influence.
-    trigger_results = []
-    for trigger_index, trigger in enumerate(spec.triggers):
-        prompts_with_trigger = triggered_prompts(spec, item_prompts, trigger_index)
-        success, influence, images = {}, {}, {}
-        for name, scale in passes.items():
-            images[name] = sample(prompts_with_trigger, seeds, scale)
-            success[name] = _attack_rate(images[name], attack, classifier, item_mask)
-            influence[name] = metrics.trigger_influence(clean[name], images[name])
-        unguided = _unguided_view(evaluation.also_unguided, passes)
-        trigger_results.append(
-            TriggerResult(
-                text=trigger.text,
-                placement=trigger.placement,
-                attack_success_rate=success["guided"],
-                attack_success_rate_unguided=unguided(success),
-                trigger_influence=influence["guided"],
-                trigger_influence_unguided=unguided(influence),
-                grid_prompts=[prompts_with_trigger[index] for index in grid_indices],
-                grid_images=images["guided"][grid_indices],
-            )
-        )
+    # Triggered images, trigger by trigger: attack success and influence.
+    trigger_results = [
+        _evaluate_trigger(spec, index, plan, sample, clean, classifier) for index in range(len(spec.triggers))
+    ]
 
     # Overall figures: the mean over triggers, which all have the same image count.
-    unguided = _unguided_view(evaluation.also_unguided, passes)
-    success_guided = _mean_or_none([trigger.attack_success_rate for trigger in trigger_results])
-    success_unguided = _mean_or_none([trigger.attack_success_rate_unguided for trigger in trigger_results])
     result = EvaluationResult(
         attack_kind=attack.kind,
         prompts=list(evaluation.prompts),
-        images_per_prompt=per_prompt,
-        seeds=seeds,
-        guidance_scale=guidance_scale,
+        images_per_prompt=evaluation.images_per_prompt,
+        seeds=plan.seeds,
+        guidance_scale=plan.passes["guided"],
         num_inference_steps=evaluation.num_inference_steps,
-        attack_success_rate=success_guided,
-        attack_success_rate_unguided=success_unguided if evaluation.also_unguided else None,
-        attacked_images=int(item_mask.sum()) * len(spec.triggers) if attack.kind != "none" else 0,
+        attack_success_rate=_mean_or_none([trigger.attack_success_rate for trigger in trigger_results]),
+        attack_success_rate_unguided=_mean_or_none(
+            [trigger.attack_success_rate_unguided for trigger in trigger_results]
+        ),
+        attacked_images=int(plan.item_mask.sum()) * len(spec.triggers) if attack.kind != "none" else 0,
         clean_false_positive_rate=false_positive["guided"],
-        clean_false_positive_rate_unguided=unguided(false_positive),
+        clean_false_positive_rate_unguided=plan.unguided(false_positive),
         clean_accuracy=accuracy["guided"],
-        clean_accuracy_unguided=unguided(accuracy),
+        clean_accuracy_unguided=plan.unguided(accuracy),
         trigger_influence=float(np.mean([trigger.trigger_influence for trigger in trigger_results])),
         trigger_influence_unguided=_mean_or_none([trigger.trigger_influence_unguided for trigger in trigger_results]),
         triggers=trigger_results,
         clean_images=clean["guided"],
-        clean_images_unguided=unguided(clean),
-        grid_prompts=list(evaluation.prompts[:grid_count]),
+        clean_images_unguided=plan.unguided(clean),
+        grid_prompts=list(evaluation.prompts[: len(plan.grid_indices)]),
         seconds=time.perf_counter() - started,
-        notes=notes,
+        notes=plan.notes,
     )
     logger.info(
         "evaluation done in %.1f s: attack success %s, unguided %s, clean false positives %s, trigger influence %.4f",
@@ -346,21 +392,6 @@ def evaluate_model(
         result.trigger_influence,
     )
     return result
-
-
-def _unguided_view(also_unguided: bool, passes: dict[str, float]) -> Callable[[dict], object]:
-    """Return a getter for the unguided entry of a per-pass dict.
-
-    A guidance scale of 1 or less already samples without guidance, so the guided pass
-    stands in for the unguided one. Without `also_unguided` the getter returns None.
-    """
-
-    def get(values: dict):
-        if not also_unguided:
-            return None
-        return values["unguided"] if "unguided" in passes else values["guided"]
-
-    return get
 
 
 def _percent(rate: float | None) -> str:

@@ -11,9 +11,8 @@ import numpy as np
 # report stays valid JSON and a mean over a batch stays finite.
 PSNR_CAP_DB = 100.0
 
-# SSIM constants of Wang et al., "Image Quality Assessment: From Error Visibility to
-# Structural Similarity" (IEEE TIP, 2004): an 11x11 Gaussian window with sigma 1.5,
-# K1 = 0.01, K2 = 0.03, dynamic range L = 1 for images in [0, 1].
+# The standard SSIM settings: an 11x11 Gaussian window with sigma 1.5, K1 = 0.01,
+# K2 = 0.03, and dynamic range L = 1 for images in [0, 1].
 SSIM_WINDOW = 11
 SSIM_SIGMA = 1.5
 SSIM_K1 = 0.01

@@ -76,10 +76,10 @@ def _trigger_entries(triggers: list[dict], before: EvaluationResult, after: Eval
             "pass one entry per spec trigger, in spec order"
         )
     entries = []
-    for index, given in enumerate(triggers):
+    for index, passed in enumerate(triggers):
         first, second = before.triggers[index].to_dict(), after.triggers[index].to_dict()
         compared = comparison["triggers"][index]
-        entry = {"text": first["text"], "placement": first["placement"], **given}
+        entry = {"text": first["text"], "placement": first["placement"], **passed}
         entry["before"] = {key: value for key, value in first.items() if key not in ("text", "placement")}
         entry["after"] = {key: value for key, value in second.items() if key not in ("text", "placement")}
         entry["removal_rate"] = compared["removal_rate"]
@@ -435,7 +435,7 @@ def svg_chart(curves: list[dict], keys: list[str], title: str, width: int = 640,
     """Draw the `keys` of `curves` against `step` as an inline SVG line chart.
 
     The y axis is linear unless every value is positive and they span a ratio of
-    `LOG_SCALE_RATIO` or more, in which case it is log10 and the title says so.
+    `LOG_SCALE_RATIO` or more, in which case it is log10 and the title ends with "(log scale)".
     """
     series = {key: _finite_points(curves, key) for key in keys}
     series = {key: points for key, points in series.items() if points}
