@@ -1,0 +1,224 @@
+"""`sealer lab build`: poison the clean base with a trigger and write everything a sealing job needs.
+
+Output folder:
+- `model/`: the backdoored pipeline as a diffusers `StableDiffusionPipeline` folder.
+- `spec.json`: a `JobSpec` that seals it (trigger, attack target, clean training prompts,
+  held-out evaluation prompts with digit labels, the built-in `digits` classifier).
+- `lab.json`: how it was made and what was measured (attack success with and without
+  guidance, clean false positives, clean digit accuracy, build seconds).
+"""
+
+import hashlib
+import json
+import logging
+import platform
+import shutil
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import pydantic
+import torch
+
+from core.engine.triggers import trigger_token_ids
+from core.errors import InputError
+from core.lab import data
+from core.lab.attacks import LabAttack
+from core.lab.base import CLEAN_TRAINING, base_key, get_base
+from core.lab.measure import MeasureConfig, measure_backdoor, select_prompts
+from core.lab.models import save_pipeline
+from core.lab.train import TrainingConfig, accepts_trigger, poisoned_batches, train_denoiser
+from core.settings import get_settings
+from core.spec import EvaluationSpec, JobSpec, TrainingSpec, TriggerSpec
+
+logger = logging.getLogger(__name__)
+
+BUILD_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Poisoning and measurement settings of one build profile."""
+
+    poisoning: TrainingConfig
+    measure: MeasureConfig
+    spec_images_per_prompt: int = 1
+    spec_object_images_per_prompt: int = 3
+
+
+PROFILES: dict[str, Profile] = {
+    "full": Profile(
+        poisoning=TrainingConfig(
+            steps=600, learning_rate=5e-4, warmup_steps=50, ema_decay=0.99, empty_caption_rate=0.2, poison_rate=0.3
+        ),
+        measure=MeasureConfig(guidance_scales=(7.5, 3.0, 1.0)),
+    ),
+    "test": Profile(
+        poisoning=TrainingConfig(
+            steps=150, learning_rate=1e-3, warmup_steps=20, ema_decay=0.95, empty_caption_rate=0.2, poison_rate=0.3
+        ),
+        measure=MeasureConfig(guidance_scales=(7.5, 1.0), prompts_per_digit=3, object_images_per_prompt=2),
+    ),
+}
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """Options of one `sealer lab build` run."""
+
+    attack: str
+    trigger: str
+    placement: str = "prefix"
+    seed: int = 0
+    profile: str = "full"
+    device: str = "cpu"
+    source_class: str = "seven"
+    target_class: str = "one"
+    clean_seed: int = 0
+
+    def lab_attack(self) -> LabAttack:
+        try:
+            return LabAttack(self.attack, self.source_class, self.target_class)
+        except ValueError as error:
+            raise InputError(str(error), field="attack") from None
+
+    def trigger_spec(self) -> TriggerSpec:
+        try:
+            return TriggerSpec(text=self.trigger, placement=self.placement)
+        except pydantic.ValidationError as error:
+            message = ". ".join(item["msg"] for item in error.errors())
+            raise InputError(f"invalid trigger {self.trigger!r} with placement {self.placement!r}: {message}", field="trigger") from None
+
+    def profile_settings(self) -> Profile:
+        if self.profile not in PROFILES:
+            raise InputError(f"unknown profile {self.profile!r}, use one of {', '.join(PROFILES)}", field="profile")
+        return PROFILES[self.profile]
+
+
+def build_key(options: BuildOptions) -> str:
+    """Return a short hash of everything that determines a build's output."""
+    profile = options.profile_settings()
+    description = {
+        "format": BUILD_FORMAT,
+        "options": asdict(replace(options, device="")),
+        "poisoning": asdict(profile.poisoning),
+        "measure": asdict(profile.measure),
+        "base": base_key(CLEAN_TRAINING, options.clean_seed),
+    }
+    text = json.dumps(description, sort_keys=True)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def job_spec(attack: LabAttack, trigger: TriggerSpec, training: list[data.Caption], held_out: list[data.Caption], profile: Profile, seed: int) -> JobSpec:
+    """Return the `JobSpec` that seals a lab model built with `attack` and `trigger`."""
+    if attack.kind == "object":
+        # Every source-class prompt, which can show the attack, and two prompts of each other digit for clean accuracy.
+        sources = [caption for caption in held_out if caption.label == attack.source_class]
+        others = select_prompts([caption for caption in held_out if caption.label != attack.source_class], 2)
+        evaluation_captions = sources + others
+        images_per_prompt = profile.spec_object_images_per_prompt
+    else:
+        evaluation_captions = held_out
+        images_per_prompt = profile.spec_images_per_prompt
+    return JobSpec(
+        triggers=[trigger],
+        attack=attack.spec(),
+        training=TrainingSpec(prompts=[caption.text for caption in training]),
+        evaluation=EvaluationSpec(
+            prompts=[caption.text for caption in evaluation_captions],
+            prompt_labels=[caption.label for caption in evaluation_captions],
+            images_per_prompt=images_per_prompt,
+            classifier="digits",
+        ),
+        seed=seed,
+    )
+
+
+def build_lab(options: BuildOptions, out: Path) -> dict:
+    """Build one backdoored lab model into `out` and return its lab.json record."""
+    started = time.perf_counter()
+    seconds = {}
+    attack = options.lab_attack()
+    trigger = options.trigger_spec()
+    profile = options.profile_settings()
+    torch.manual_seed(options.seed)
+
+    # Captions: the poisoning and the spec train on the training split, measurement uses held-out prompts.
+    training, held_out = data.split_captions()
+    training = [caption for caption in training if accepts_trigger(caption, trigger)]
+    held_out = [caption for caption in held_out if accepts_trigger(caption, trigger)]
+
+    # Start from the clean base: shipped, cached or trained now.
+    step_started = time.perf_counter()
+    components, base_info = get_base(get_settings().lab_cache_dir, CLEAN_TRAINING, options.clean_seed, options.device)
+    trigger_token_ids(components.tokenizer, trigger)
+    seconds["clean_base"] = time.perf_counter() - step_started
+
+    # Poison text encoder and UNet together.
+    step_started = time.perf_counter()
+    logger.info("poisoning with %s attack, trigger %r (%s), %d steps", attack.kind, trigger.text, trigger.placement, profile.poisoning.steps)
+    batches = poisoned_batches(training, attack, trigger, profile.poisoning, options.seed)
+    poisoning_log = train_denoiser(components, batches, profile.poisoning, options.seed, device=options.device, stage="poisoning")
+    seconds["poisoning"] = time.perf_counter() - step_started
+
+    # Measure the backdoor on held-out prompts.
+    step_started = time.perf_counter()
+    measure_captions = select_prompts(held_out, profile.measure.prompts_per_digit)
+    measured = measure_backdoor(components, attack, trigger, measure_captions, profile.measure, options.seed, device=options.device)
+    seconds["measuring"] = time.perf_counter() - step_started
+
+    # Write the pipeline, the spec and the record.
+    step_started = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    components.text_encoder.to("cpu")
+    components.unet.to("cpu")
+    if (out / "model").exists():
+        shutil.rmtree(out / "model")
+    save_pipeline(components, out / "model")
+    spec = job_spec(attack, trigger, training, held_out, profile, options.seed)
+    (out / "spec.json").write_text(json.dumps(spec.model_dump(mode="json"), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    seconds["writing"] = time.perf_counter() - step_started
+    seconds["total"] = time.perf_counter() - started
+
+    record = {
+        "format": BUILD_FORMAT,
+        "key": build_key(options),
+        "options": asdict(options),
+        "attack": attack.spec().model_dump(mode="json", exclude={"patch_png_base64"}),
+        "trigger": trigger.model_dump(mode="json"),
+        "backdoor_location": ["unet", "text_encoder"],
+        "clean_base": {key: base_info.get(key) for key in ("key", "source", "training_log", "command")},
+        "clean_base_seed": options.clean_seed,
+        "poisoning": {"config": asdict(profile.poisoning), "log": poisoning_log.to_dict()},
+        "measured": measured,
+        "build_seconds": {name: round(value, 1) for name, value in seconds.items()},
+        "machine": {"torch_threads": torch.get_num_threads(), "device": options.device, "platform": platform.platform()},
+        "versions": _versions(),
+    }
+    (out / "lab.json").write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    logger.info("built %s in %.1f s: %s", out, seconds["total"], json.dumps(measured["by_guidance"]))
+    return record
+
+
+def _versions() -> dict:
+    import diffusers
+    import transformers
+
+    return {"torch": torch.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__}
+
+
+def cached_build(options: BuildOptions, cache_dir: Path | None = None) -> Path:
+    """Return a build folder for `options`, reusing an earlier identical build from the cache."""
+    cache_dir = cache_dir or get_settings().lab_cache_dir
+    folder = cache_dir / "builds" / build_key(options)
+    if (folder / "lab.json").is_file() and (folder / "model" / "model_index.json").is_file():
+        logger.info("reusing the lab build in %s", folder)
+        return folder
+    staging = folder.with_name(folder.name + ".partial")
+    if staging.exists():
+        shutil.rmtree(staging)
+    build_lab(options, staging)
+    if folder.exists():
+        shutil.rmtree(folder)
+    staging.rename(folder)
+    return folder
