@@ -46,11 +46,15 @@ ENV PATH=/opt/venv/bin:$PATH \
 
 RUN groupadd --system --gid 10001 sealer \
     && useradd --system --uid 10001 --gid sealer --home-dir /var/lib/sealer --shell /usr/sbin/nologin sealer \
-    && mkdir -p /var/lib/sealer \
-    && chown sealer:sealer /var/lib/sealer
+    && mkdir -p /var/lib/sealer/scratch \
+    && chown -R sealer:sealer /var/lib/sealer
 
 COPY --from=build /opt/venv /opt/venv
 COPY --from=build /app /app
+
+# Scratch: multipart uploads are spooled here (up to SEALER_MAX_UPLOAD_BYTES each) while
+# the API checks them and copies them to the object store.
+VOLUME ["/var/lib/sealer/scratch"]
 
 WORKDIR /app
 # Numeric, so that runtimes that check for a non-root user (Kubernetes runAsNonRoot) can.

@@ -50,6 +50,10 @@ RUN pip install --no-cache-dir -c docker/constraints.txt --index-url "${TORCH_IN
 RUN python docker/list_requirements.py engine > /tmp/requirements.txt \
     && pip install --no-cache-dir -c docker/constraints.txt -r /tmp/requirements.txt
 
+# open-clip-torch only supplies the CLIP BPE merges file that core/tokenizer.py reads
+# (single-file checkpoints and the lab). Without its dependencies, so torchvision stays out.
+RUN pip install --no-cache-dir --no-deps open-clip-torch==3.3.0
+
 # Editable install: core.db finds migrations/ and alembic.ini next to the core package,
 # so the packages stay in /app beside them instead of moving into site-packages.
 COPY core core/

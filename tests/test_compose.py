@@ -166,6 +166,7 @@ def test_setup_waits_for_servers():
         ("redis", "redis-data", "/data"),
         ("minio", "minio-data", "/data"),
         ("worker", "worker-scratch", "/var/lib/sealer/scratch"),
+        ("api", "api-scratch", "/var/lib/sealer/scratch"),
     ],
 )
 def test_named_volumes(service, volume, target):
@@ -404,3 +405,15 @@ def test_config_worker_host_requires_addresses(compose_command, tmp_path):
 
     assert result.returncode != 0
     assert "SEALER_BROKER_URL" in result.stderr
+
+
+def test_deploy_doc_references_exist():
+    text = (REPO_ROOT / "docs" / "deploy.md").read_text()
+    unknown = env_names(text) - setting_env_names()
+    assert not unknown, f"docs/deploy.md names {sorted(unknown)}, which core.settings.Settings does not read"
+    for name in set(re.findall(r"\bdocker-compose[\w.]*\.yml\b", text)):
+        assert (REPO_ROOT / name).is_file(), name
+    compose_text = "".join(path.read_text() for path in (COMPOSE_FILE, GPUS_FILE, WORKER_FILE))
+    for variable in ("SERVICES_BIND_ADDRESS", "WORKER_GPU", "WORKER_METRICS_HOST_PORT", "WORKER_IMAGE"):
+        assert variable in text, variable
+        assert f"${{{variable}:-" in compose_text, variable

@@ -285,6 +285,19 @@ def test_worker_installs_engine_and_pinned_torch():
     assert re.search(r"ARG CUDA_IMAGE=nvidia/cuda:13\.0\.\d+-cudnn-runtime-ubuntu24\.04", text)
 
 
+def test_api_spool_volume():
+    (volume,) = [item.arguments for item in final_stage(API_DOCKERFILE) if item.keyword == "VOLUME"]
+    assert exec_form(volume) == ["/var/lib/sealer/scratch"]
+
+
+def test_worker_merges_file_package():
+    pin = re.search(r"--no-deps open-clip-torch==(\S+)", WORKER_DOCKERFILE.read_text())
+    makefile_pin = re.search(r"--no-deps open-clip-torch==(\S+)", (REPO_ROOT / "Makefile").read_text())
+    assert pin is not None
+    assert makefile_pin is not None
+    assert pin.group(1) == makefile_pin.group(1)
+
+
 def test_worker_volumes():
     (volume,) = [item.arguments for item in final_stage(WORKER_DOCKERFILE) if item.keyword == "VOLUME"]
     assert exec_form(volume) == ["/var/lib/sealer/scratch", "/models"]
