@@ -25,7 +25,11 @@ def _add_service_commands(subparsers) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sealer", description="Remove textual backdoors from text-to-image models.")
-    parser.add_argument("--log-level", default="INFO", help="Python logging level (default: INFO).")
+    parser.add_argument(
+        "--log-level",
+        default=None,
+        help="Python logging level (default: INFO, or WARNING when a progress bar is drawn on a terminal).",
+    )
     subparsers = parser.add_subparsers(dest="command", required=True)
     for add in (_add_seal_commands, _add_lab_commands, _add_service_commands):
         try:
@@ -38,7 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    draws_progress = getattr(args, "draws_progress", False) and sys.stderr.isatty()
+    level = args.log_level or ("WARNING" if draws_progress else "INFO")
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return int(args.handler(args) or 0)
 
 

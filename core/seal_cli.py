@@ -16,11 +16,11 @@ def add_commands(subparsers) -> None:
     seal = subparsers.add_parser("seal", help="Remove a backdoor from a checkpoint and write the report.")
     _add_common_arguments(seal)
     seal.add_argument("--steps", type=int, help="Override training.steps from the spec.")
-    seal.set_defaults(handler=run_seal)
+    seal.set_defaults(handler=run_seal, draws_progress=True)
 
     evaluate = subparsers.add_parser("evaluate", help="Measure a checkpoint's backdoor without changing it.")
     _add_common_arguments(evaluate)
-    evaluate.set_defaults(handler=run_evaluate)
+    evaluate.set_defaults(handler=run_evaluate, draws_progress=True)
 
 
 def _add_common_arguments(parser: argparse.ArgumentParser) -> None:
