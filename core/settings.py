@@ -28,6 +28,11 @@ class Settings(BaseSettings):
     # Object store.
     storage: Literal["local", "s3"] = "local"
     s3_endpoint_url: str = ""
+    s3_public_endpoint_url: str = Field(
+        default="",
+        description="Endpoint that clients use for presigned URLs when it differs from the API's own "
+        "(for example http://localhost:9000 while the API reaches http://minio:9000); empty: s3_endpoint_url.",
+    )
     s3_bucket: str = "sealer"
     s3_region: str = "us-east-1"
     s3_access_key_id: str = ""
