@@ -197,12 +197,14 @@ def unet_key_to_original(key: str, layers_per_block: int = LAYERS_PER_BLOCK) -> 
     raise KeyError(key)
 
 
-def unet_state_to_original(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def unet_state_to_original(
+    state: dict[str, torch.Tensor], layers_per_block: int = LAYERS_PER_BLOCK
+) -> dict[str, torch.Tensor]:
     """Rename a diffusers UNet state dict to the original single-file keys."""
     has_attention = {key.split(".")[1] for key in state if key.startswith("up_blocks.") and ".attentions." in key}
     original = {}
     for key, tensor in state.items():
-        name = unet_key_to_original(key)
+        name = unet_key_to_original(key, layers_per_block)
         if "{upsampler}" in name:
             block = key.split(".")[1]
             name = name.replace("{upsampler}", "2" if block in has_attention else "1")
@@ -298,7 +300,8 @@ def make_single_file(
     The text encoder takes the Stable Diffusion 1.x layout, or the 2.x OpenCLIP layout when `open_clip`.
     """
     pipeline_dir = Path(pipeline_dir)
-    tensors = unet_state_to_original(read_folder_state(pipeline_dir, "unet"))
+    unet_config = json.loads((pipeline_dir / "unet" / "config.json").read_text())
+    tensors = unet_state_to_original(read_folder_state(pipeline_dir, "unet"), unet_config["layers_per_block"])
     if (pipeline_dir / "vae").is_dir():
         vae_config = json.loads((pipeline_dir / "vae" / "config.json").read_text())
         tensors |= vae_state_to_original(read_folder_state(pipeline_dir, "vae"), len(vae_config["down_block_types"]))

@@ -286,6 +286,33 @@ def test_single_file_loads_file_weights(models: dict[str, Path], tmp_path: Path,
     assert len(loaded.components.tokenizer) == 49408
 
 
+def test_sd15_block_layout_single_file(models: dict[str, Path], tmp_path: Path, settings: Settings) -> None:
+    # Stable Diffusion 1.5's block layout: four blocks of two layers, attention in the first three.
+    from diffusers import UNet2DConditionModel
+
+    pipeline = Path(shutil.copytree(models["pixel"], tmp_path / "pipeline"))
+    base = Path(shutil.copytree(models["base_pixel"], tmp_path / "base"))
+    unet = UNet2DConditionModel(
+        sample_size=16,
+        in_channels=3,
+        out_channels=3,
+        layers_per_block=2,
+        block_out_channels=(8, 16, 16, 16),
+        cross_attention_dim=32,
+        attention_head_dim=4,
+        norm_num_groups=4,
+    )
+    for folder in (pipeline, base):
+        shutil.rmtree(folder / "unet")
+        unet.save_pretrained(folder / "unet")
+    upload = make_single_file(pipeline, tmp_path / "model.safetensors")
+
+    loaded = load_checkpoint(upload, base_model=base, settings=settings)
+    assert_same_tensors(read_folder_state(pipeline, "unet"), loaded.components.unet.state_dict())
+    out = save_sanitized(loaded, loaded.components.unet.state_dict(), tmp_path / "out")
+    assert_same_tensors(load_file(upload), load_file(out))
+
+
 def test_open_clip_single_file_loads(models: dict[str, Path], tmp_path: Path, settings: Settings) -> None:
     upload = make_single_file(models["pixel"], tmp_path / "model.safetensors", open_clip=True)
     loaded = load_checkpoint(upload, base_model=models["base_pixel"], settings=settings)
