@@ -90,7 +90,6 @@ def make_tiny_pipeline_dir(
     latent: bool = False,
     dtype: torch.dtype = torch.float32,
     seed: int = 0,
-    safe_serialization: bool = True,
 ) -> Path:
     """Save a tiny diffusers pipeline folder (tokenizer, text encoder, UNet, scheduler, VAE if latent)."""
     path = Path(path)
