@@ -90,71 +90,74 @@ def seal(
     resolved_device = resolve_device(device)
     base_model = Path(spec.base_model) if spec.base_model else None
     loaded = load_checkpoint(Path(model_path), base_model=base_model, device="cpu")
-    components = loaded.components
-    reference_unet = _load_reference_unet(spec, base_model) if spec.training.method == "finetune-reversal" else None
-    _check_evaluation_inputs(spec, components)
-    classifier = load_classifier(spec.evaluation.classifier) if spec.evaluation.classifier else None
-    original_unet = _plain_copy(components.unet, "cpu")
-    unlearner = Unlearner(components, spec, device=str(resolved_device), reference_unet=reference_unet)
-    log.info("validated %s (%s) on %s: %d trigger(s), method %s", Path(model_path).name, loaded.source.format, resolved_device, len(spec.triggers), spec.training.method)
-    timings["validating"] = time.perf_counter() - started
+    try:
+        components = loaded.components
+        reference_unet = _load_reference_unet(spec, base_model) if spec.training.method == "finetune-reversal" else None
+        _check_evaluation_inputs(spec, components)
+        classifier = load_classifier(spec.evaluation.classifier) if spec.evaluation.classifier else None
+        original_unet = _plain_copy(components.unet, "cpu")
+        unlearner = Unlearner(components, spec, device=str(resolved_device), reference_unet=reference_unet)
+        log.info("validated %s (%s) on %s: %d trigger(s), method %s", Path(model_path).name, loaded.source.format, resolved_device, len(spec.triggers), spec.training.method)
+        timings["validating"] = time.perf_counter() - started
 
-    # Evaluate before, with an untouched copy of the uploaded weights.
-    phase_started = time.perf_counter()
-    report_progress(Progress("evaluating_before"))
-    before = evaluate_model(
-        components, spec, unet=original_unet.to(resolved_device), device=resolved_device,
-        classifier=classifier, on_batch=evaluation_progress("evaluating_before"),
-    )
-    del original_unet
-    log.info("before: attack success %s, trigger influence %.4f", _rate(before.attack_success_rate), before.trigger_influence)
-    timings["evaluating_before"] = time.perf_counter() - phase_started
+        # Evaluate before, with an untouched copy of the uploaded weights.
+        phase_started = time.perf_counter()
+        report_progress(Progress("evaluating_before"))
+        before = evaluate_model(
+            components, spec, unet=original_unet.to(resolved_device), device=resolved_device,
+            classifier=classifier, on_batch=evaluation_progress("evaluating_before"),
+        )
+        del original_unet
+        log.info("before: attack success %s, trigger influence %.4f", _rate(before.attack_success_rate), before.trigger_influence)
+        timings["evaluating_before"] = time.perf_counter() - phase_started
 
-    # Unlearn, resuming from a saved engine state when there is one.
-    phase_started = time.perf_counter()
-    if state_dir is not None and unlearner.load_state(state_dir):
-        log.info("resuming from step %d of %d", unlearner.step_index, spec.training.steps)
+        # Unlearn, resuming from a saved engine state when there is one.
+        phase_started = time.perf_counter()
+        if state_dir is not None and unlearner.load_state(state_dir):
+            log.info("resuming from step %d of %d", unlearner.step_index, spec.training.steps)
 
-    def on_step(step: int, total: int, row: dict) -> None:
-        report_progress(Progress("unlearning", step, total, {"loss": row["loss"]}))
-        if step % max(1, total // 10) == 0 or step == total:
-            log.info("step %d/%d loss %.5f (pred %.5f, attn %.5f, preservation %.5f)", step, total, row["loss"], row["loss_pred"], row["loss_attn"], row["loss_preservation"])
+        def on_step(step: int, total: int, row: dict) -> None:
+            report_progress(Progress("unlearning", step, total, {"loss": row["loss"]}))
+            if step % max(1, total // 10) == 0 or step == total:
+                log.info("step %d/%d loss %.5f (pred %.5f, attn %.5f, preservation %.5f)", step, total, row["loss"], row["loss_pred"], row["loss_attn"], row["loss_preservation"])
 
-    report_progress(Progress("unlearning", unlearner.step_index, spec.training.steps))
-    curves = unlearner.run(
-        on_step=on_step, should_cancel=should_cancel, state_dir=state_dir,
-        checkpoint_every=checkpoint_every, on_state_saved=on_state_saved,
-    )
-    timings["unlearning"] = time.perf_counter() - phase_started
+        report_progress(Progress("unlearning", unlearner.step_index, spec.training.steps))
+        curves = unlearner.run(
+            on_step=on_step, should_cancel=should_cancel, state_dir=state_dir,
+            checkpoint_every=checkpoint_every, on_state_saved=on_state_saved,
+        )
+        timings["unlearning"] = time.perf_counter() - phase_started
 
-    # Evaluate after, with the sanitized (EMA) weights and the same seeds.
-    phase_started = time.perf_counter()
-    report_progress(Progress("evaluating_after"))
-    sanitized_unet = unlearner.sanitized_unet()
-    after = evaluate_model(
-        components, spec, unet=sanitized_unet, device=resolved_device,
-        classifier=classifier, on_batch=evaluation_progress("evaluating_after"),
-    )
-    comparison = compare(before, after)
-    log.info("after: attack success %s, removal rate %s", _rate(after.attack_success_rate), _rate(comparison.get("removal_rate")))
-    timings["evaluating_after"] = time.perf_counter() - phase_started
+        # Evaluate after, with the sanitized (EMA) weights and the same seeds.
+        phase_started = time.perf_counter()
+        report_progress(Progress("evaluating_after"))
+        sanitized_unet = unlearner.sanitized_unet()
+        after = evaluate_model(
+            components, spec, unet=sanitized_unet, device=resolved_device,
+            classifier=classifier, on_batch=evaluation_progress("evaluating_after"),
+        )
+        comparison = compare(before, after)
+        log.info("after: attack success %s, removal rate %s", _rate(after.attack_success_rate), _rate(comparison.get("removal_rate")))
+        timings["evaluating_after"] = time.perf_counter() - phase_started
 
-    # Write the sanitized weights in the input's format, then the report.
-    phase_started = time.perf_counter()
-    report_progress(Progress("writing"))
-    weights_path = save_sanitized(loaded, unlearner.sanitized_state_dict(), out_dir)
-    timings["writing"] = time.perf_counter() - phase_started
-    timings["total"] = time.perf_counter() - started
-    triggers = [info.to_dict() for info in unlearner.triggers]
-    report_paths = write_report(
-        out_dir, spec=spec, before=before, after=after, comparison=comparison, curves=curves,
-        triggers=triggers, method=spec.training.method, steps=unlearner.step_index,
-        seconds={name: round(value, 3) for name, value in timings.items()},
-        extra={"input_format": loaded.source.format, "device": str(resolved_device), "job_id": job_id},
-    )
-    summary = json.loads((out_dir / "report.json").read_text())
-    log.info("sealed in %.1f s; artifacts in %s", timings["total"], out_dir)
-    return SealResult(summary=summary, artifacts=[weights_path, *report_paths])
+        # Write the sanitized weights in the input's format, then the report.
+        phase_started = time.perf_counter()
+        report_progress(Progress("writing"))
+        weights_path = save_sanitized(loaded, unlearner.sanitized_state_dict(), out_dir)
+        timings["writing"] = time.perf_counter() - phase_started
+        timings["total"] = time.perf_counter() - started
+        triggers = [info.to_dict() for info in unlearner.triggers]
+        report_paths = write_report(
+            out_dir, spec=spec, before=before, after=after, comparison=comparison, curves=curves,
+            triggers=triggers, method=spec.training.method, steps=unlearner.step_index,
+            seconds={name: round(value, 3) for name, value in timings.items()},
+            extra={"input_format": loaded.source.format, "device": str(resolved_device), "job_id": job_id},
+        )
+        summary = json.loads((out_dir / "report.json").read_text())
+        log.info("sealed in %.1f s; artifacts in %s", timings["total"], out_dir)
+        return SealResult(summary=summary, artifacts=[weights_path, *report_paths])
+    finally:
+        loaded.close()  # removes the extracted copy of an archive from scratch
 
 
 def _plain_copy(unet, device):
