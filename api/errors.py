@@ -44,8 +44,10 @@ class ApiError(SealerError):
         self.headers = headers
 
 
-def not_found(what: str, identifier: str) -> ApiError:
-    return ApiError(404, "not_found", f"{what} {identifier!r} not found; check the id (each API key sees only its own {what}s)")
+def not_found(resource: str, identifier: str) -> ApiError:
+    return ApiError(
+        404, "not_found", f"{resource} {identifier!r} not found; check the id (each API key sees only its own {resource}s)"
+    )
 
 
 def error_body(error: SealerError) -> dict:

@@ -177,9 +177,9 @@ def create_api_key(session: Session, name: str) -> tuple[ApiKey, str]:
     name = name.strip()
     if not name or len(name) > 100:
         raise ValueError(f"key name {name!r} must be 1 to 100 characters; choose another name")
-    taken = session.scalar(select(ApiKey.id).where(ApiKey.name == name, ApiKey.revoked_at.is_(None)))
-    if taken is not None:
-        raise ValueError(f"an active key named {name!r} already exists (id {taken}); choose another name")
+    existing_id = session.scalar(select(ApiKey.id).where(ApiKey.name == name, ApiKey.revoked_at.is_(None)))
+    if existing_id is not None:
+        raise ValueError(f"an active key named {name!r} already exists (id {existing_id}); choose another name")
 
     plaintext = API_KEY_PREFIX + secrets.token_urlsafe(32)
     record = ApiKey(name=name, key_hash=hash_api_key(plaintext), prefix=plaintext[:10])
@@ -416,15 +416,23 @@ class ReapResult:
     requeued: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
     cancelled: list[str] = field(default_factory=list)
+    resent: list[str] = field(default_factory=list)
 
 
-def reap_expired(session: Session, *, lease_ttl_s: float, max_attempts: int) -> ReapResult:
+def reap_expired(
+    session: Session, *, lease_ttl_s: float, max_attempts: int, resend_queued_after_s: float | None = None
+) -> ReapResult:
     """Deal with running jobs whose lease expired because their worker died.
 
     A job whose cancel was requested becomes `cancelled`; one that used up its attempts
     fails with `worker_lost`; the rest go back to `queued`, and the caller sends their
     task again after committing. Each transition is a conditional UPDATE, so two reapers
     never handle the same job twice.
+
+    With `resend_queued_after_s`, jobs queued that long without a worker taking them are
+    listed in `resent` too, in case their message was lost (a broker that lost its data,
+    or a worker killed between fetching a message and claiming the job). A duplicate
+    message is harmless: the lease drops it.
     """
     now = utcnow()
     cutoff = lease_cutoff(now, lease_ttl_s)
@@ -462,7 +470,23 @@ def reap_expired(session: Session, *, lease_ttl_s: float, max_attempts: int) -> 
         if changed.rowcount == 1:
             bucket.append(job_id)
             record_state_change(values["state"])
+
+    if resend_queued_after_s is not None:
+        result.resent = _claim_stale_queued(session, now, resend_queued_after_s)
     return result
+
+
+def _claim_stale_queued(session: Session, now: datetime, older_than_s: float) -> list[str]:
+    """Mark queued jobs untouched for `older_than_s` as re-sent now; return their ids."""
+    stale = Job.state == JobState.QUEUED.value, Job.updated_at < now - timedelta(seconds=older_than_s)
+    claimed = []
+    for job_id in session.scalars(select(Job.id).where(*stale)).all():
+        changed = session.execute(
+            update(Job).where(Job.id == job_id, *stale).values(updated_at=now).execution_options(synchronize_session=False)
+        )
+        if changed.rowcount == 1:
+            claimed.append(job_id)
+    return claimed
 
 
 def record_state_change(state: str) -> None:

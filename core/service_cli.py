@@ -83,8 +83,12 @@ def _fail(message: str, code: int = 2) -> int:
 
 
 def _client(args):
+    import logging
+
     from core.client import SealerClient
 
+    # One INFO line per poll from httpx would bury the progress display.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     if not args.api_key:
         raise SealerError("no API key; pass --api-key or set SEALER_API_KEY (create one with `sealer keys create --name NAME`)")
     return SealerClient(args.url, args.api_key)
@@ -292,8 +296,8 @@ def run_migrate(args) -> int:
         after = db.current_revision(engine)
     finally:
         engine.dispose()
-    shown = engine.url.render_as_string(hide_password=True)
-    print(f"database {shown}: {before or 'empty'} -> {after or 'empty'}")
+    display_url = engine.url.render_as_string(hide_password=True)
+    print(f"database {display_url}: {before or 'empty'} -> {after or 'empty'}")
     return 0
 
 

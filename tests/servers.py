@@ -389,3 +389,15 @@ def service_processes() -> Iterator[list[ServiceProcess]]:
     # Graceful stops are tested where they matter; here a SIGKILL saves seconds per test.
     for service in reversed(started):
         service.kill_group()
+
+
+def start_serve(settings, log_dir: Path, name: str = "serve") -> ServiceProcess:
+    """Start `sealer serve` (the API and one worker) and wait until the API listens."""
+    port = free_port()
+    command = [sys.executable, "-m", "core.cli", "serve", "--port", str(port)]
+    service = _spawn(name, command, settings_env(settings), log_dir, port)
+    try:
+        wait_for_port(port, service.process, timeout_s=90)
+    except RuntimeError as error:
+        raise RuntimeError(f"{error}\n{service.output()[-4000:]}") from None
+    return service

@@ -212,3 +212,27 @@ def test_cancel_queued_blocks_claim(database):
 
     assert claim(database, job_id, "a").outcome == ClaimOutcome.FINISHED
     assert load(database, job_id).state == "cancelled"
+
+
+def test_stale_queued_job_resent_once(database):
+    job_id = add_job(database)
+    with db.session_scope(database) as session:
+        session.execute(update(Job).where(Job.id == job_id).values(updated_at=db.utcnow() - timedelta(seconds=120)))
+
+    first = reap_stale(database)
+    second = reap_stale(database)
+
+    assert first.resent == [job_id]
+    assert second.resent == []
+    assert load(database, job_id).state == "queued"
+
+
+def test_recent_queued_job_not_resent(database):
+    add_job(database)
+
+    assert reap_stale(database).resent == []
+
+
+def reap_stale(engine):
+    with db.session_scope(engine) as session:
+        return reap_expired(session, lease_ttl_s=TTL, max_attempts=3, resend_queued_after_s=60)

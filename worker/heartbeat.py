@@ -14,9 +14,9 @@ logger = logging.getLogger(__name__)
 class LeaseHeartbeat:
     """Renew `job_id`'s lease every `interval_s` seconds from a daemon thread.
 
-    `lost` is set when the lease is gone: the row no longer names this worker (the reaper
-    gave the job to another one) or renewals failed for longer than the lease TTL, after
-    which another worker may rightly take the job. The job must then stop without
+    `lost` is set when the lease is gone. Either the row no longer names this worker
+    (the reaper gave the job to another one), or renewals failed for longer than the lease
+    TTL, so another worker may rightly take the job. The job must then stop without
     writing anything more.
     """
 

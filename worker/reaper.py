@@ -13,10 +13,15 @@ logger = logging.getLogger(__name__)
 
 
 def reap_once(context: WorkerContext, celery: Celery) -> list[str]:
-    """Handle expired leases once; return the ids of the jobs sent to the queue again."""
+    """Handle expired leases and stale queued jobs once; return the ids re-queued after a lost lease."""
     settings = context.settings
     with context.sessions.begin() as session:
-        result = reap_expired(session, lease_ttl_s=settings.lease_ttl_s, max_attempts=settings.max_attempts)
+        result = reap_expired(
+            session,
+            lease_ttl_s=settings.lease_ttl_s,
+            max_attempts=settings.max_attempts,
+            resend_queued_after_s=settings.broker_visibility_timeout_s,
+        )
 
     for job_id in result.failed:
         logger.error("job failed after %d attempts: its worker stopped responding each time", settings.max_attempts, extra={"job_id": job_id})
@@ -29,6 +34,14 @@ def reap_once(context: WorkerContext, celery: Celery) -> list[str]:
             logger.warning("job re-queued: its worker's lease expired", extra={"job_id": job_id})
         except Exception as error:
             logger.error("could not re-queue job: %s; a later delivery or restart will pick it up", error, extra={"job_id": job_id})
+    for job_id in result.resent:
+        try:
+            send_job(celery, job_id)
+            logger.warning(
+                "job re-sent: queued for over %d s without a worker taking it", settings.broker_visibility_timeout_s, extra={"job_id": job_id}
+            )
+        except Exception as error:
+            logger.error("could not re-send job: %s; the next reaper pass tries again", error, extra={"job_id": job_id})
     return result.requeued
 
 
