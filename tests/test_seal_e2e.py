@@ -1,0 +1,66 @@
+"""A quick end-to-end seal of a real backdoored lab model on CPU."""
+
+import json
+import zipfile
+
+import pytest
+
+from core.sealing import seal
+from core.spec import JobSpec
+
+
+@pytest.fixture(scope="module")
+def sealed(lab_build_dir, tmp_path_factory):
+    spec = JobSpec.model_validate_json((lab_build_dir / "spec.json").read_text())
+    settings = spec.model_dump()
+    settings["evaluation"]["prompts"] = settings["evaluation"]["prompts"][:60]
+    settings["evaluation"]["prompt_labels"] = settings["evaluation"]["prompt_labels"][:60]
+    settings["evaluation"]["num_inference_steps"] = 20
+    spec = JobSpec.model_validate(settings)
+    out = tmp_path_factory.mktemp("sealed")
+    phases = []
+    result = seal(lab_build_dir / "model", spec, out, device="cpu", on_progress=lambda p: phases.append(p.phase))
+    return result, out, phases
+
+
+@pytest.mark.slow
+def test_seal_lowers_attack_success(sealed):
+    result, _, _ = sealed
+    before = result.summary["before"]["attack_success_rate"]
+    after = result.summary["after"]["attack_success_rate"]
+    assert before >= 0.5
+    assert after <= before / 4
+    assert result.summary["removal_rate"] >= 0.75
+
+
+@pytest.mark.slow
+def test_seal_keeps_clean_images(sealed):
+    result, _, _ = sealed
+    assert result.summary["after"]["clean_accuracy"] >= result.summary["before"]["clean_accuracy"] - 0.1
+    assert result.summary["clean_fidelity"]["ssim"] > 0.5
+
+
+@pytest.mark.slow
+def test_seal_writes_every_artifact(sealed):
+    _, out, phases = sealed
+    for name in ("sanitized.zip", "report.json", "report.html", "samples.png", "curves.csv"):
+        assert (out / name).is_file(), name
+    report = json.loads((out / "report.json").read_text())
+    assert report["method"] == "skd-cag"
+    assert report["triggers"][0]["token_count"] == 2
+    assert report["spec"]["triggers"][0]["text"] == "mignneko"
+    with zipfile.ZipFile(out / "sanitized.zip") as archive:
+        assert any(name.endswith("unet/diffusion_pytorch_model.safetensors") for name in archive.namelist())
+    assert phases.index("evaluating_before") < phases.index("unlearning") < phases.index("evaluating_after")
+
+
+@pytest.mark.slow
+def test_sanitized_zip_loads_with_diffusers(sealed, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    _, out, _ = sealed
+    with zipfile.ZipFile(out / "sanitized.zip") as archive:
+        archive.extractall(tmp_path)
+    unet_dirs = list(tmp_path.rglob("unet"))
+    unet = UNet2DConditionModel.from_pretrained(unet_dirs[0], local_files_only=True)
+    assert unet.config.sample_size == 16
