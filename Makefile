@@ -25,6 +25,17 @@ test: install
 demo: install
 	$(BIN)/python scripts/demo.py
 
+# CPU benchmarks; results are appended to docs/benchmarks.md. Run them on an idle machine.
+bench: install
+	$(BIN)/python benchmarks/engine_step.py --models tiny,sd15scaled --batches 1,4,16 --steps 2 --warmup 1
+	$(BIN)/python benchmarks/scaling.py --sizes lab,sd15scaled,sd15 --batch-models lab,tiny --batches 1,4,16 --steps 1 --warmup 1 --full-budget 300
+	$(BIN)/python benchmarks/evaluation_cost.py --images 64 --seal-steps 50
+
+bench-quick: install
+	$(BIN)/python benchmarks/engine_step.py --models tiny --batches 1,4 --steps 1 --warmup 1
+	$(BIN)/python benchmarks/scaling.py --sizes lab --batch-models lab --batches 1,4,16 --steps 2 --warmup 1
+	$(BIN)/python benchmarks/evaluation_cost.py --images 16 --inference-steps 10 --lab-build none
+
 lint: install
 	$(BIN)/python -m compileall -q api core worker migrations tests
 	$(BIN)/hadolint docker/api.Dockerfile docker/worker.Dockerfile
