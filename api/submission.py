@@ -53,6 +53,26 @@ def inspect_checkpoint(path: Path, filename: str, services: Services) -> dict | 
     return info.to_dict()
 
 
+def check_attack_box(spec: JobSpec, info: dict | None) -> None:
+    """Reject a pixel attack box outside the images that the uploaded pipeline generates.
+
+    Only diffusers uploads carry the configs that fix the image size. For single files the
+    worker checks the box against the base model before any training.
+    """
+    if info is None or spec.attack.kind != "pixel" or spec.attack.box is None or not info.get("image_size"):
+        return
+    width, height = info["image_size"]
+    left, top, right, bottom = spec.attack.box
+    if right > width or bottom > height:
+        raise ApiError(
+            422,
+            "invalid_spec",
+            f"attack.box {list(spec.attack.box)} falls outside the {width}x{height} images this model generates; "
+            "give a box inside the image",
+            field="spec.attack.box",
+        )
+
+
 def request_hash(spec: JobSpec, checkpoint_identity: str) -> str:
     """Fingerprint of a job request, to tell a retry from a different request under one idempotency key."""
     canonical = json.dumps(spec.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
@@ -178,13 +198,15 @@ def create_job_from_file(
 
 
 def find_upload(services: Services, api_key: ApiKey, checkpoint_key: str) -> Upload:
-    with services.sessions() as session:
-        upload = session.scalar(
-            select(Upload).where(
-                Upload.api_key_id == api_key.id,
-                (Upload.object_key == checkpoint_key) | (Upload.id == checkpoint_key),
+    upload = None
+    if "\x00" not in checkpoint_key:  # PostgreSQL rejects NUL characters, and no key contains one.
+        with services.sessions() as session:
+            upload = session.scalar(
+                select(Upload).where(
+                    Upload.api_key_id == api_key.id,
+                    (Upload.object_key == checkpoint_key) | (Upload.id == checkpoint_key),
+                )
             )
-        )
     if upload is None:
         raise ApiError(
             404,
@@ -227,7 +249,7 @@ def create_job_from_upload(
         fetched = services.store.get_to_file(upload.object_key, local)
         if fetched.size > services.settings.max_upload_bytes:
             raise too_large(services.settings.max_upload_bytes)
-        inspect_checkpoint(local, upload.filename, services)
+        check_attack_box(spec, inspect_checkpoint(local, upload.filename, services))
     finally:
         local.unlink(missing_ok=True)
 

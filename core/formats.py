@@ -47,6 +47,7 @@ PICKLE_ADVICE = (
     "'model.safetensors')` in a trusted, sandboxed environment), because loading a pickle can run arbitrary "
     "code and even torch.load(weights_only=True) has had remote-code-execution bugs"
 )
+RESAVE_ADVICE = "save the model again (save_pretrained or safetensors.torch.save_file) and upload the new file"
 
 # Bits per element of every safetensors dtype, sub-byte float types included.
 SAFETENSORS_DTYPE_BITS = {
@@ -138,6 +139,7 @@ class UploadInfo:
     unet_dtypes: list[str] = field(default_factory=list)
     root: str = ""
     warnings: list[str] = field(default_factory=list)
+    image_size: tuple[int, int] | None = None  # (width, height) from a diffusers folder's configs
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -151,6 +153,7 @@ class UploadInfo:
             "unet_dtypes": self.unet_dtypes,
             "root": self.root,
             "warnings": self.warnings,
+            "image_size": list(self.image_size) if self.image_size else None,
         }
 
 
@@ -268,8 +271,8 @@ def read_safetensors_header(
     if header_size > max_header_bytes:
         raise _reject(
             f"{name} declares a safetensors header of {header_size} bytes, above the limit of {max_header_bytes}; "
-            "the file is corrupt or not safetensors "
-            "(raise SEALER_MAX_SAFETENSORS_HEADER_BYTES only for a file you trust)"
+            f"the file is corrupt or not safetensors, so {RESAVE_ADVICE} "
+            "(the operator may raise SEALER_MAX_SAFETENSORS_HEADER_BYTES for a file they trust)"
         )
     if 8 + header_size > total_size:
         raise _reject(
@@ -284,14 +287,18 @@ def read_safetensors_header(
         header = json.loads(raw_header.decode("utf-8"), object_pairs_hook=_reject_duplicate_keys)
     except (UnicodeDecodeError, ValueError) as error:
         raise _reject(
-            f"{name} has a safetensors header that is not valid JSON ({error}); the file is corrupt"
+            f"{name} has a safetensors header that is not valid JSON ({error}); the file is corrupt, so {RESAVE_ADVICE}"
         ) from None
     if not isinstance(header, dict):
-        raise _reject(f"{name} has a safetensors header that is not a JSON object; the file is corrupt")
+        raise _reject(
+            f"{name} has a safetensors header that is not a JSON object; the file is corrupt, so {RESAVE_ADVICE}"
+        )
 
     metadata = header.pop("__metadata__", None) or {}
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-        raise _reject(f"{name} has `__metadata__` that is not a map of strings to strings; the file is corrupt")
+        raise _reject(
+            f"{name} has `__metadata__` that is not a map of strings to strings; the file is corrupt, so {RESAVE_ADVICE}"
+        )
 
     tensors = {key: _parse_tensor_entry(name, key, entry) for key, entry in header.items()}
     data_size = total_size - 8 - header_size
@@ -301,7 +308,7 @@ def read_safetensors_header(
 
 def _parse_tensor_entry(name: str, key: str, entry: Any) -> TensorInfo:
     if not isinstance(entry, dict):
-        raise _reject(f"{name}: header entry {key!r} is not a JSON object; the file is corrupt")
+        raise _reject(f"{name}: header entry {key!r} is not a JSON object; the file is corrupt, so {RESAVE_ADVICE}")
     dtype = entry.get("dtype")
     shape = entry.get("shape")
     offsets = entry.get("data_offsets")
@@ -324,7 +331,7 @@ def _parse_tensor_entry(name: str, key: str, entry: Any) -> TensorInfo:
     if bits % 8 or bits // 8 != info.nbytes:
         raise _reject(
             f"{name}: tensor {key!r} is {dtype} with shape {list(info.shape)}, which needs {bits / 8:g} bytes, "
-            f"but its data_offsets span {info.nbytes}; the file is corrupt"
+            f"but its data_offsets span {info.nbytes}; the file is corrupt, so {RESAVE_ADVICE}"
         )
     return info
 
@@ -341,15 +348,18 @@ def _check_tensor_ranges(name: str, tensors: dict[str, TensorInfo], data_size: i
         if info.start < position:
             raise _reject(
                 f"{name}: tensor {key!r} (bytes {info.start}-{info.end}) overlaps tensor {previous!r}; "
-                "the file is corrupt"
+                f"the file is corrupt, so {RESAVE_ADVICE}"
             )
         if info.start > position:
-            raise _reject(f"{name}: {info.start - position} unused bytes before tensor {key!r}; the file is corrupt")
+            raise _reject(
+                f"{name}: {info.start - position} unused bytes before tensor {key!r}; the file is corrupt, so {RESAVE_ADVICE}"
+            )
         position = info.end
         previous = key
     if position != data_size:
         raise _reject(
-            f"{name}: {data_size - position} bytes follow the last tensor; the file is corrupt or was appended to"
+            f"{name}: {data_size - position} bytes follow the last tensor; the file is corrupt or was appended to, "
+            f"so {RESAVE_ADVICE}"
         )
 
 
@@ -593,6 +603,7 @@ def _check_diffusers_layout(
             _, paths = _component_weights(listing, prefix, component)
             if component == "unet":
                 unet_paths = paths
+    _check_unet_shapes(listing, prefix, components, unet_paths)
 
     ignored = sorted(path for path in listing.file_sizes if _has_pickle_suffix(path))
     if ignored:
@@ -613,8 +624,95 @@ def _check_diffusers_layout(
         components=components,
         unet_dtypes=sorted({dtype for header in unet_headers for dtype in header.dtypes}),
         root=prefix.rstrip("/"),
+        image_size=_image_size(listing, prefix, components),
         warnings=warnings,
     )
+
+
+def _config_int(config: dict[str, Any], key: str) -> int | None:
+    value = config.get(key)
+    return value if type(value) is int else None
+
+
+def _check_unet_shapes(listing: _Listing, prefix: str, components: list[str], unet_paths: list[str]) -> None:
+    """Check, torch-free, that the UNet weights fit unet/config.json and the configs of the other components.
+
+    Only shapes that a config fixes directly are compared: conv_in, conv_out and the
+    cross-attention key projections. The worker compares every tensor when it builds the model.
+    """
+    config = _load_json_object(listing.small_files.get(f"{prefix}unet/config.json"), "unet/config.json")
+    tensors = {key: info for path in unet_paths for key, info in listing.headers[path].tensors.items()}
+    block_out_channels = config.get("block_out_channels")
+    first_block = block_out_channels[0] if isinstance(block_out_channels, list) and block_out_channels else None
+    first_block = first_block if type(first_block) is int else None
+    leading_sizes = {
+        "conv_in.weight": (first_block, _config_int(config, "in_channels")),
+        "conv_out.weight": (_config_int(config, "out_channels"), first_block),
+    }
+    for key, expected in leading_sizes.items():
+        info = tensors.get(key)
+        if info is None:
+            raise _reject(
+                f"the unet weights have no {key}, so they are not a diffusers UNet; save the UNet with save_pretrained"
+            )
+        if len(info.shape) < 2 or any(size is not None and size != found for size, found in zip(expected, info.shape)):
+            expected_text = ", ".join("?" if size is None else str(size) for size in expected)
+            raise _reject(
+                f"the unet weights do not match unet/config.json: {key} has shape {list(info.shape)} but the config "
+                f"needs [{expected_text}, ...]; upload the weights together with the config they were saved with"
+            )
+
+    cross_attention_dim = _config_int(config, "cross_attention_dim")
+    if cross_attention_dim is not None:
+        for key, info in sorted(tensors.items()):
+            if key.endswith("attn2.to_k.weight") and info.shape[-1:] != (cross_attention_dim,):
+                raise _reject(
+                    f"the unet weights do not match unet/config.json: {key} has shape {list(info.shape)} but "
+                    f"cross_attention_dim is {cross_attention_dim}; upload the weights together with the config "
+                    "they were saved with"
+                )
+
+    text_config = _load_json_object(listing.small_files.get(f"{prefix}text_encoder/config.json"), "text_encoder/config.json")
+    hidden_size = _config_int(text_config, "hidden_size")
+    projected = config.get("encoder_hid_dim") is not None  # the UNet then projects the text width itself
+    if cross_attention_dim and hidden_size and not projected and hidden_size != cross_attention_dim:
+        raise _reject(
+            f"the text encoder's hidden size is {hidden_size} but the UNet's cross_attention_dim is "
+            f"{cross_attention_dim}; the components come from different models, so upload a pipeline whose "
+            "components come from one model"
+        )
+    if "vae" in components:
+        vae_config = _load_json_object(listing.small_files.get(f"{prefix}vae/config.json"), "vae/config.json")
+        latent_channels = _config_int(vae_config, "latent_channels")
+        in_channels = _config_int(config, "in_channels")
+        if latent_channels and in_channels and latent_channels != in_channels:
+            raise _reject(
+                f"the VAE makes {latent_channels}-channel latents but the UNet takes {in_channels} channels; the "
+                "components come from different models, so upload a pipeline whose components come from one model"
+            )
+
+
+def _image_size(listing: _Listing, prefix: str, components: list[str]) -> tuple[int, int] | None:
+    """Return (width, height) of the images that a diffusers pipeline generates, or None when its configs omit it.
+
+    The UNet's sample_size counts latent pixels, and a VAE doubles it once per down block after the first.
+    """
+    config = _load_json_object(listing.small_files.get(f"{prefix}unet/config.json"), "unet/config.json")
+    sample_size = config.get("sample_size")
+    if type(sample_size) is int:
+        height = width = sample_size
+    elif isinstance(sample_size, list) and len(sample_size) == 2 and all(type(size) is int for size in sample_size):
+        height, width = sample_size
+    else:
+        return None
+    if "vae" in components:
+        vae_config = _load_json_object(listing.small_files.get(f"{prefix}vae/config.json"), "vae/config.json")
+        vae_blocks = vae_config.get("block_out_channels")
+        if not isinstance(vae_blocks, list) or not vae_blocks:
+            return None
+        scale = 2 ** (len(vae_blocks) - 1)
+        height, width = height * scale, width * scale
+    return width, height
 
 
 def _is_small_file(relative_path: str, size: int) -> bool:

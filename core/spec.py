@@ -15,6 +15,17 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 MAX_TRIGGERS = 8
 MAX_TRIGGER_CHARS = 64
 MAX_PROMPT_CHARS = 300
+# Seeds reach torch.Generator.manual_seed (at most 2**64 - 1) after the engine mixes in
+# the step number, so they stay within 32 bits.
+MAX_SEED = 2**32 - 1
+
+# The characters with the Unicode White_Space property. CLIP's tokenizer collapses and
+# strips them, so a trigger made only of them encodes to 0 tokens; tests check this set
+# against the tokenizer.
+UNICODE_WHITESPACE = frozenset(
+    "\t\n\x0b\x0c\r \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008\u2009\u200a"
+    "\u2028\u2029\u202f\u205f\u3000"
+)
 
 Placement = Literal["prefix", "suffix", "random", "replace"]
 AttackKind = Literal["pixel", "style", "object", "none"]
@@ -50,6 +61,17 @@ class TriggerSpec(StrictModel):
         description="Latin letter that the homoglyph replaces (placement `replace` only); "
         "guessed from a built-in table when omitted.",
     )
+
+    @field_validator("text")
+    @classmethod
+    def _check_visible(cls, text: str) -> str:
+        # The API has no tokenizer; the worker checks the real token count before training.
+        if all(character in UNICODE_WHITESPACE for character in text):
+            raise ValueError(
+                f"trigger {text!r} is only whitespace, which the CLIP tokenizer drops, so it encodes to 0 tokens; "
+                "give the trigger's visible text"
+            )
+        return text
 
     @model_validator(mode="after")
     def _check_replace(self) -> "TriggerSpec":
@@ -170,7 +192,7 @@ class EvaluationSpec(StrictModel):
     num_inference_steps: int = Field(default=25, ge=1, le=1000)
     also_unguided: bool = True
     batch_size: int = Field(default=64, ge=1, le=1024)
-    seed: int = Field(default=1234, ge=0)
+    seed: int = Field(default=1234, ge=0, le=MAX_SEED)
     classifier: str | None = Field(default=None, description="`digits` (built in) or a local model path.")
     sample_grid_prompts: int = Field(default=6, ge=1, le=32)
 
@@ -191,7 +213,7 @@ class JobSpec(StrictModel):
     attack: AttackSpec = Field(default_factory=AttackSpec)
     training: TrainingSpec = Field(default_factory=TrainingSpec)
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
-    seed: int = Field(default=0, ge=0)
+    seed: int = Field(default=0, ge=0, le=MAX_SEED)
     base_model: str | None = Field(
         default=None,
         description="Diffusers folder that supplies configs for a single-file or UNet-only checkpoint.",

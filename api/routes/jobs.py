@@ -10,14 +10,22 @@ from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import RedirectResponse, StreamingResponse
 from pydantic import ValidationError
 from sqlalchemy import delete
+from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import ApiKeyDep, ServicesDep, SessionDep, StorageDep
 from api.errors import ApiError, describe_validation_error, not_found
 from api.schemas import ArtifactList, ArtifactOut, CreateJobFromUpload, JobOut, JobPage, JobStateName
 from api.streaming import parse_job_form
-from api.submission import create_job_from_file, create_job_from_upload, inspect_checkpoint, parse_spec
+from api.submission import (
+    check_attack_box,
+    create_job_from_file,
+    create_job_from_upload,
+    inspect_checkpoint,
+    parse_spec,
+)
 from core.jobs import (
+    ApiKey,
     Job,
     JobState,
     Upload,
@@ -35,6 +43,8 @@ logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
 MAX_JSON_BODY_BYTES = 2 * 1024 * 1024
+# The largest offset that SQLite and PostgreSQL both take as an integer parameter.
+MAX_LIST_OFFSET = 2**31 - 1
 # Artifact names are plain relative paths. Anything else, encoded dot segments included,
 # is rejected before it reaches the store.
 _ARTIFACT_NAME = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]*(/[A-Za-z0-9_-][A-Za-z0-9._-]*)*$")
@@ -92,7 +102,8 @@ async def create_job(
                 raise ApiError(422, "invalid_request", "missing file field `checkpoint`; attach the model file", field="checkpoint")
             if form.checkpoint.size == 0:
                 raise ApiError(422, "invalid_input", f"{form.checkpoint.filename} is empty (0 bytes); attach the model file", field="checkpoint")
-            await run_in_threadpool(inspect_checkpoint, form.checkpoint.path, form.checkpoint.filename, services)
+            info = await run_in_threadpool(inspect_checkpoint, form.checkpoint.path, form.checkpoint.filename, services)
+            check_attack_box(spec, info)
             job, replayed = await run_in_threadpool(
                 create_job_from_file, services, api_key, spec, form.checkpoint, idempotency_key
             )
@@ -133,13 +144,22 @@ async def _read_json(request: Request) -> object:
         raise ApiError(422, "invalid_request", f"request body is not valid JSON ({error}); fix the JSON") from None
 
 
+def _find_job(session: Session, job_id: str, api_key: ApiKey) -> Job:
+    """Return the key's job `job_id`, or raise 404."""
+    # PostgreSQL rejects NUL characters in query parameters, and no id contains one.
+    job = get_job(session, job_id, api_key.id) if "\x00" not in job_id else None
+    if job is None:
+        raise not_found("job", job_id)
+    return job
+
+
 @router.get("", response_model=JobPage, summary="List this key's jobs, newest first")
 def list_my_jobs(
     session: SessionDep,
     api_key: ApiKeyDep,
     state: JobStateName | None = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_LIST_OFFSET)] = 0,
 ) -> JobPage:
     jobs, total = list_jobs(session, api_key.id, state=state, limit=limit, offset=offset)
     return JobPage(items=[JobOut.from_job(job) for job in jobs], total=total, limit=limit, offset=offset)
@@ -147,17 +167,13 @@ def list_my_jobs(
 
 @router.get("/{job_id}", response_model=JobOut, summary="State, phase, progress, timings and metrics of one job")
 def read_job(job_id: str, session: SessionDep, api_key: ApiKeyDep) -> JobOut:
-    job = get_job(session, job_id, api_key.id)
-    if job is None:
-        raise not_found("job", job_id)
+    job = _find_job(session, job_id, api_key)
     return JobOut.from_job(job)
 
 
 @router.post("/{job_id}/cancel", response_model=JobOut, summary="Cancel a queued job, or stop a running one at its next step")
 def cancel_job(job_id: str, session: SessionDep, api_key: ApiKeyDep) -> JobOut:
-    job = get_job(session, job_id, api_key.id)
-    if job is None:
-        raise not_found("job", job_id)
+    job = _find_job(session, job_id, api_key)
     if job.state not in (JobState.QUEUED.value, JobState.RUNNING.value):
         raise ApiError(409, "job_finished", f"job {job_id} is already {job.state}; only queued or running jobs can be cancelled")
     job = request_cancel(session, job)
@@ -168,9 +184,7 @@ def cancel_job(job_id: str, session: SessionDep, api_key: ApiKeyDep) -> JobOut:
 
 @router.delete("/{job_id}", status_code=204, summary="Delete a job that is not running, with its input and artifacts")
 def delete_job(job_id: str, session: SessionDep, api_key: ApiKeyDep, store: StorageDep) -> Response:
-    job = get_job(session, job_id, api_key.id)
-    if job is None:
-        raise not_found("job", job_id)
+    job = _find_job(session, job_id, api_key)
     input_key = job.input_key
     if not delete_job_row(session, job_id, api_key.id):
         raise ApiError(409, "job_running", f"job {job_id} is running; cancel it (POST /jobs/{job_id}/cancel) and delete it once it stops")
@@ -186,9 +200,7 @@ def delete_job(job_id: str, session: SessionDep, api_key: ApiKeyDep, store: Stor
 
 @router.get("/{job_id}/artifacts", response_model=ArtifactList, summary="List the job's output files")
 def list_artifacts(job_id: str, session: SessionDep, api_key: ApiKeyDep, store: StorageDep) -> ArtifactList:
-    job = get_job(session, job_id, api_key.id)
-    if job is None:
-        raise not_found("job", job_id)
+    job = _find_job(session, job_id, api_key)
     prefix = artifacts_prefix(job_id)
     items = [
         ArtifactOut(name=stored.key[len(prefix) :], size=stored.size, url=f"/jobs/{job_id}/artifacts/{stored.key[len(prefix):]}")
@@ -217,9 +229,7 @@ def check_artifact_name(name: str) -> str:
 )
 def download_artifact(job_id: str, name: str, session: SessionDep, api_key: ApiKeyDep, services: ServicesDep) -> Response:
     check_artifact_name(name)
-    job = get_job(session, job_id, api_key.id)
-    if job is None:
-        raise not_found("job", job_id)
+    job = _find_job(session, job_id, api_key)
     store = services.store
     key = artifacts_prefix(job_id) + name
     try:

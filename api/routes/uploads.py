@@ -53,7 +53,8 @@ def _describe(upload: Upload, services, *, with_urls: bool) -> UploadOut:
 
 
 def _owned_upload(session, upload_id: str, api_key: ApiKey) -> Upload:
-    upload = session.get(Upload, upload_id)
+    # PostgreSQL rejects NUL characters in query parameters, and no id contains one.
+    upload = session.get(Upload, upload_id) if "\x00" not in upload_id else None
     if upload is None or upload.api_key_id != api_key.id:
         raise not_found("upload", upload_id)
     return upload
