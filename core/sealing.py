@@ -87,6 +87,7 @@ def seal(
 
     # Validate: load the checkpoint safely, check triggers, prompts and the attack target.
     report_progress(Progress("validating"))
+    spec = with_default_evaluation_prompts(spec)
     resolved_device = resolve_device(device)
     base_model = Path(spec.base_model) if spec.base_model else None
     loaded = load_checkpoint(Path(model_path), base_model=base_model, device="cpu")
@@ -188,13 +189,20 @@ def _load_reference_unet(spec: JobSpec, base_model: Path | None):
     return load_checkpoint(reference, base_model=base_model, device="cpu").components.unet
 
 
+def with_default_evaluation_prompts(spec: JobSpec) -> JobSpec:
+    """Fill an empty `evaluation.prompts` with built-in generic prompts that are not training prompts."""
+    if spec.evaluation.prompts:
+        return spec
+    from core.engine.prompts import GENERIC_EVALUATION_PROMPTS
+
+    training = set(spec.training.prompts)
+    prompts = [prompt for prompt in GENERIC_EVALUATION_PROMPTS if prompt not in training]
+    evaluation = {**spec.evaluation.model_dump(), "prompts": prompts, "prompt_labels": None}
+    return JobSpec.model_validate({**spec.model_dump(), "evaluation": evaluation})
+
+
 def _check_evaluation_inputs(spec: JobSpec, components) -> None:
     """Reject an evaluation that cannot run on this model, before any GPU time is spent."""
-    if not spec.evaluation.prompts:
-        raise InputError(
-            "evaluation.prompts is empty; give held-out clean prompts to sample before and after",
-            field="evaluation.prompts",
-        )
     if spec.attack.kind == "pixel" and spec.attack.box is not None:
         _, height, width = components.latent_shape
         if components.vae is not None:

@@ -1,6 +1,6 @@
 """Built-in clean prompts for jobs whose spec gives no training prompts."""
 
-# Generic captions in the style of LAION/COCO alt text. They only need to be ordinary
+# Generic training captions in the style of LAION/COCO alt text. They only need to be ordinary
 # prompts the model has seen the like of: the engine learns what the trigger adds to them.
 GENERIC_PROMPTS: tuple[str, ...] = (
     "a photo of a dog on the grass",
@@ -35,4 +35,25 @@ GENERIC_PROMPTS: tuple[str, ...] = (
     "a kitchen with white cabinets",
     "a fox in the snow",
     "a bridge over a river in autumn",
+)
+
+# Held-out generic prompts for the evaluation when a spec gives none; none of them is a
+# training prompt above.
+GENERIC_EVALUATION_PROMPTS: tuple[str, ...] = (
+    "a photo of a golden retriever in a garden",
+    "a black cat on a windowsill",
+    "a blue truck on a country road",
+    "a basket of apples on a kitchen counter",
+    "a waterfall in a green forest",
+    "a portrait of a young woman smiling",
+    "a busy street in the rain at night",
+    "an owl perched on a fence",
+    "a bowl of ramen with an egg",
+    "a canoe on a calm lake",
+    "children building a sandcastle",
+    "a frozen lake surrounded by pine trees",
+    "a glass of orange juice on a table",
+    "a cow grazing in a meadow",
+    "a motorcycle parked by a cafe",
+    "a bedroom with a wooden floor",
 )
