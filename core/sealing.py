@@ -32,7 +32,7 @@ class Progress:
 
 @dataclass
 class SealResult:
-    """What a finished job produced: the report's summary and the artifact files in out_dir."""
+    """Outcome of a finished job: the report's summary and the artifact files in out_dir."""
 
     summary: dict
     artifacts: list[Path]
@@ -51,7 +51,7 @@ def seal(
     checkpoint_every: int = 50,
     job_id: str | None = None,
 ) -> SealResult:
-    """Seal `model_path` as `spec` says and write every artifact into `out_dir`.
+    """Seal `model_path` as `spec` specifies and write every artifact into `out_dir`.
 
     Artifacts: `sanitized.zip` or `sanitized.safetensors` (the input's format and dtype),
     `report.json`, `report.html`, `samples.png`, `curves.csv`. `state_dir` holds the

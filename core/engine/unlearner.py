@@ -42,7 +42,7 @@ MAP_RESOLUTION_MAX = 16
 
 @dataclass
 class TriggerInfo:
-    """A trigger as the tokenizer sees it."""
+    """A trigger and its token ids under the checkpoint's tokenizer."""
 
     text: str
     placement: str
@@ -289,7 +289,7 @@ class Unlearner:
             noise = torch.rand((len(triggered), resolution, resolution), generator=generator) * 2.0  # mean 1 = uniform attention
             return list(noise.to(self.device))
 
-        # random_words: the teacher sees random words where p' has the trigger.
+        # random_words: the teacher gets random words where p' has the trigger.
         substitutes = [self._random_words_prompt(item, rng) for item in triggered]
         states = self.components.encode_prompts([item.text for item in substitutes], self.device)
         rows = len(triggered)
