@@ -327,3 +327,21 @@ def test_report_from_real_evaluation(tmp_path):
 
     page = (tmp_path / "report.html").read_text(encoding="utf-8")
     assert page.count('src="data:image/png;base64,') == 3
+
+
+def test_verdict_when_attack_never_fired():
+    before, after = make_result(0.0, 0.0), make_result(0.0, 0.0)
+    data = report.build_report(
+        spec=make_spec(),
+        before=before,
+        after=after,
+        comparison=evaluate.compare(before, after),
+        curves=[],
+        triggers=[{}],
+        method="skd",
+        steps=1,
+        seconds={},
+    )
+    assert data["removal_rate"] is None
+    assert data["verdict"].startswith("ASR stayed at 0% at guidance 7.5")
+    assert "no removal rate can be measured" in data["verdict"]

@@ -220,7 +220,7 @@ def _resolve_classifier(spec: JobSpec, classifier):
 
 @dataclass
 class _Plan:
-    """What one evaluation samples: items (prompt, seed), which count for the ASR, and the passes."""
+    """The sampling plan of one evaluation: items (prompt, seed), the items that count for the ASR, and the passes."""
 
     item_prompts: list[str]
     seeds: list[int]

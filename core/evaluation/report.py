@@ -192,6 +192,8 @@ def verdict(report: dict) -> str:
             _change_clause("ASR", before["attack_success_rate"], after["attack_success_rate"], format_percent)
             + f" at guidance {sampling['guidance_scale']:g}"
         )
+        if before["attack_success_rate"] == 0:
+            clauses.append("the attack never succeeded before unlearning, so no removal rate can be measured")
         if before["attack_success_rate_unguided"] is not None and after["attack_success_rate_unguided"] is not None:
             clauses.append(
                 _change_clause(
@@ -514,12 +516,12 @@ def curve_charts(curves: list[dict]) -> str:
 
 def describe_trigger(text: str) -> str:
     """Return HTML for a trigger that shows its invisible and look-alike characters by code point."""
-    shown = html.escape(visible_text(text))
+    display = html.escape(visible_text(text))
     unusual = [char for char in dict.fromkeys(text) if ord(char) > 127]
     if not unusual:
-        return f"<code>{shown}</code>"
+        return f"<code>{display}</code>"
     names = ", ".join(f"U+{ord(char):04X} {unicodedata.name(char, 'unnamed')}" for char in unusual)
-    return f"<code>{shown}</code> <span class=\"muted\">({html.escape(names)})</span>"
+    return f"<code>{display}</code> <span class=\"muted\">({html.escape(names)})</span>"
 
 
 def _cell(value, kind: str) -> str:
