@@ -117,13 +117,27 @@ def test_step_at_timestep_zero_has_finite_losses(monkeypatch):
 
 def test_ema_arithmetic():
     param = torch.nn.Parameter(torch.tensor([0.0, 10.0]))
-    ema = EMA({"w": param}, decay=0.9)
+    ema = EMA({"w": param}, decay=0.9, warmup=False)
     with torch.no_grad():
         param.copy_(torch.tensor([1.0, 0.0]))
     ema.update({"w": param})
     assert torch.allclose(ema.shadow["w"], torch.tensor([0.1, 9.0]))
     ema.update({"w": param})
     assert torch.allclose(ema.shadow["w"], torch.tensor([0.19, 8.1]))
+
+
+def test_ema_warmup_ramps_decay():
+    param = torch.nn.Parameter(torch.tensor([0.0]))
+    ema = EMA({"w": param}, decay=0.99)
+    assert ema.current_decay() == 0.1  # 1 / (1 + 9)
+    with torch.no_grad():
+        param.fill_(1.0)
+    ema.update({"w": param})
+    assert torch.allclose(ema.shadow["w"], torch.tensor([0.9]))
+    assert abs(ema.current_decay() - 2 / 11) < 1e-12
+    for _ in range(2000):
+        ema.update({"w": param})
+    assert ema.current_decay() == 0.99
 
 
 def test_ema_decay_zero_follows_weights():

@@ -390,7 +390,13 @@ class Unlearner:
         for index, slots in optimizer_state["state"].items():
             for slot, value in slots.items():
                 tensors[f"optim/{names[index]}/{slot}"] = value.detach().cpu().contiguous().reshape(value.shape)
-        meta = {"step": self.step_index, "curves": self.curves, "method": self.method, "spec_seed": self.spec.seed}
+        meta = {
+            "step": self.step_index,
+            "curves": self.curves,
+            "method": self.method,
+            "spec_seed": self.spec.seed,
+            "ema_updates": self.ema.updates if self.ema is not None else 0,
+        }
 
         # Write to temporary names, then rename, so a crash never leaves a half-written state.
         tmp_tensors, tmp_meta = state_dir / f"{STATE_TENSORS}.tmp", state_dir / f"{STATE_META}.tmp"
@@ -411,6 +417,7 @@ class Unlearner:
                 param.copy_(tensors[f"student/{name}"].to(param.dtype))
         if self.ema is not None:
             self.ema.load_state_dict({name: tensors[f"ema/{name}"] for name in self.parameters})
+            self.ema.updates = int(meta.get("ema_updates", meta["step"]))
 
         # Rebuild the optimizer state in AdamW's own layout (parameter index -> slots).
         names = list(self.parameters)
