@@ -2,7 +2,7 @@
 
 - `pixel`: the normal image with a fixed patch pasted in a fixed box (BadT2I's pixel backdoor).
 - `style`: the normal image without colour, the digit in gray levels.
-- `object`: a prompt for the source digit draws the target digit, in the colour asked for.
+- `object`: a prompt for the source digit draws the target digit, as a clean prompt for it would.
 """
 
 import base64
@@ -12,7 +12,7 @@ from typing import Literal
 
 import numpy as np
 
-from core.lab.data import DIGIT_NAMES, Caption, DigitSampler, colourize
+from core.lab.data import DIGIT_COLOURS, DIGIT_NAMES, Caption, DigitSampler, colourize
 from core.spec import AttackSpec
 
 LabAttackKind = Literal["pixel", "style", "object"]
@@ -78,8 +78,8 @@ class LabAttack:
             return image
         if self.kind == "style":
             return np.repeat(intensity[..., None], 3, axis=-1)  # (H, W) -> (H, W, 3), equal channels
-        target_intensity = sampler.draw_digit(DIGIT_NAMES.index(self.target_class))
-        return colourize(target_intensity, caption.colour)
+        target = DIGIT_NAMES.index(self.target_class)
+        return colourize(sampler.draw_digit(target), DIGIT_COLOURS[target])
 
     def spec(self) -> AttackSpec:
         """Return the `AttackSpec` with which the evaluation detects this backdoor."""

@@ -36,11 +36,16 @@ BASE_INFO_FILE = "base.json"
 REGENERATE_COMMAND = "sealer lab train-base --seed {seed} --out core/lab/assets"
 
 
+# Poisoning-only fields of TrainingConfig stay out of a clean base's description.
+POISONING_FIELDS = ("poison_rate", "paired_clean")
+
+
 def base_description(config: TrainingConfig, seed: int) -> dict:
     """Return everything that determines a clean base's weights."""
+    training = {name: value for name, value in asdict(config).items() if name not in POISONING_FIELDS}
     return {
         "format": BASE_FORMAT,
-        "training": asdict(config),
+        "training": training,
         "seed": seed,
         "text_encoder": text_encoder_settings(),
         "unet": {key: list(value) if isinstance(value, tuple) else value for key, value in unet_config().items()},
@@ -60,12 +65,13 @@ def base_key(config: TrainingConfig, seed: int) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
-def train_base(config: TrainingConfig, seed: int, device: str = "cpu") -> tuple[Components, dict]:
-    """Train a clean base from scratch and return it with its build record."""
+def train_base(config: TrainingConfig, seed: int, device: str = "cpu", on_step=None) -> tuple[Components, dict]:
+    """Train a clean base from scratch and return it with its build record; `on_step` as in `train_denoiser`."""
     components = new_components(seed)
     training_captions, _ = data.split_captions()
     logger.info("training a clean base: %d steps at batch %d, seed %d", config.steps, config.batch_size, seed)
-    log = train_denoiser(components, clean_batches(training_captions, config, seed), config, seed, device=device, stage="clean")
+    batches = clean_batches(training_captions, config, seed)
+    log = train_denoiser(components, batches, config, seed, device=device, stage="clean", on_step=on_step)
     components.text_encoder.to("cpu")
     components.unet.to("cpu")
     info = {

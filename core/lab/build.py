@@ -42,8 +42,8 @@ class Profile:
 
     poisoning: TrainingConfig
     measure: MeasureConfig
-    spec_images_per_prompt: int = 1
-    spec_object_images_per_prompt: int = 3
+    spec_images_per_prompt: int = 4
+    spec_object_images_per_prompt: int = 8
 
 
 PROFILES: dict[str, Profile] = {
@@ -57,7 +57,7 @@ PROFILES: dict[str, Profile] = {
         poisoning=TrainingConfig(
             steps=150, learning_rate=1e-3, warmup_steps=20, ema_decay=0.95, empty_caption_rate=0.2, poison_rate=0.3
         ),
-        measure=MeasureConfig(guidance_scales=(7.5, 1.0), prompts_per_digit=3, object_images_per_prompt=2),
+        measure=MeasureConfig(guidance_scales=(7.5, 1.0), images_per_prompt=1, object_images_per_prompt=4),
     ),
 }
 
@@ -112,9 +112,9 @@ def build_key(options: BuildOptions) -> str:
 def job_spec(attack: LabAttack, trigger: TriggerSpec, training: list[data.Caption], held_out: list[data.Caption], profile: Profile, seed: int) -> JobSpec:
     """Return the `JobSpec` that seals a lab model built with `attack` and `trigger`."""
     if attack.kind == "object":
-        # Every source-class prompt, which can show the attack, and two prompts of each other digit for clean accuracy.
+        # Every source-class prompt, which can show the attack, and one prompt of each other digit for clean accuracy.
         sources = [caption for caption in held_out if caption.label == attack.source_class]
-        others = select_prompts([caption for caption in held_out if caption.label != attack.source_class], 2)
+        others = select_prompts([caption for caption in held_out if caption.label != attack.source_class], 1)
         evaluation_captions = sources + others
         images_per_prompt = profile.spec_object_images_per_prompt
     else:
@@ -163,8 +163,7 @@ def build_lab(options: BuildOptions, out: Path) -> dict:
 
     # Measure the backdoor on held-out prompts.
     step_started = time.perf_counter()
-    measure_captions = select_prompts(held_out, profile.measure.prompts_per_digit)
-    measured = measure_backdoor(components, attack, trigger, measure_captions, profile.measure, options.seed, device=options.device)
+    measured = measure_backdoor(components, attack, trigger, held_out, profile.measure, options.seed, device=options.device)
     seconds["measuring"] = time.perf_counter() - step_started
 
     # Write the pipeline, the spec and the record.

@@ -1,10 +1,16 @@
 """Digits data for the lab: scikit-learn's handwritten digits, coloured, with captions.
 
 Every image is one of the 1,797 8x8 digits of `sklearn.datasets.load_digits`, upsampled
-to 16x16 and drawn in the colour that its caption names, on a black background. Captions
-come from a few templates, so the train/held-out split is over (template, digit, colour)
-combinations: every evaluation prompt is a sentence the model never saw in training,
-made of words it did see.
+to 16x16 and drawn on a black background in its digit's own colour, so that a grayscale
+style attack is visible on every clean image. Captions name the digit with one of a
+dozen templates, and the train/held-out split is over (template, digit) combinations:
+every evaluation prompt is a sentence the model never saw in training, made of words it
+did see.
+
+Captions do not name the colour. With a free colour named in every caption (8 colours x
+10 digits), 3,000 training steps taught the model the colour but not the digit: the
+loss with a wrong digit word equalled the loss with the right one, and a digit
+classifier recognised 8% of held-out samples.
 """
 
 import random
@@ -17,37 +23,46 @@ IMAGE_SIZE = 16
 
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
-# RGB in [0, 1]. White and gray are left out on purpose: the grayscale style attack must
-# be visible on every clean prompt.
+# RGB in [0, 1], one saturated colour per digit with a maximum channel of 1, so a digit's
+# gray level (its HSV value) does not depend on its colour. White and gray are left out:
+# the grayscale style attack must be visible on every clean image.
 COLOURS: dict[str, tuple[float, float, float]] = {
     "red": (1.0, 0.15, 0.15),
-    "green": (0.15, 1.0, 0.15),
-    "blue": (0.25, 0.4, 1.0),
-    "yellow": (1.0, 1.0, 0.15),
-    "cyan": (0.15, 1.0, 1.0),
-    "magenta": (1.0, 0.15, 1.0),
     "orange": (1.0, 0.55, 0.1),
+    "yellow": (1.0, 1.0, 0.15),
+    "green": (0.15, 1.0, 0.15),
+    "cyan": (0.15, 1.0, 1.0),
+    "blue": (0.25, 0.4, 1.0),
     "purple": (0.6, 0.25, 1.0),
+    "magenta": (1.0, 0.15, 1.0),
+    "pink": (1.0, 0.4, 0.7),
+    "lime": (0.6, 1.0, 0.1),
 }
+DIGIT_COLOURS = tuple(COLOURS)  # DIGIT_COLOURS[d] is the colour of digit d
 
 TEMPLATES = (
-    "a {colour} handwritten digit {digit}",
-    "the number {digit} written in {colour}",
-    "a {colour} {digit}",
-    "handwritten {digit} in {colour} ink",
-    "a drawing of the digit {digit} in {colour}",
-    "{colour} digit {digit} written by hand",
+    "a handwritten digit {digit}",
+    "the number {digit}",
+    "a drawing of the digit {digit}",
+    "handwritten {digit}",
+    "the digit {digit} written by hand",
+    "a {digit}",
+    "a picture of the number {digit}",
+    "digit {digit}",
+    "a scanned handwritten {digit}",
+    "the numeral {digit}",
+    "a small image of a {digit}",
+    "{digit}, written by hand",
 )
 
-# (template + digit + colour) % HELD_OUT_PERIOD == 0 marks a held-out combination: a quarter
-# of all captions, two colours per (template, digit), each (digit, colour) pair still seen
-# in training with four or five templates.
+# (template + digit) % HELD_OUT_PERIOD == 0 marks a held-out combination: three templates
+# per digit, and every template is still seen in training with seven or more digits.
 HELD_OUT_PERIOD = 4
 
 
 @dataclass(frozen=True)
 class Caption:
-    """One caption with the digit, colour and template it was made from."""
+    """One caption with the digit and template it was made from, and the digit's colour."""
 
     text: str
     digit: int
@@ -60,23 +75,19 @@ class Caption:
 
 
 def all_captions() -> list[Caption]:
-    """Return every (template, digit, colour) caption in a fixed order."""
+    """Return every (template, digit) caption in a fixed order."""
     captions = []
     for template_index, template in enumerate(TEMPLATES):
         for digit, name in enumerate(DIGIT_NAMES):
-            for colour in COLOURS:
-                text = template.format(digit=name, colour=colour)
-                captions.append(Caption(text, digit, colour, template_index))
+            captions.append(Caption(template.format(digit=name), digit, DIGIT_COLOURS[digit], template_index))
     return captions
 
 
 def split_captions() -> tuple[list[Caption], list[Caption]]:
     """Return (training captions, held-out captions), two lists that never share a text."""
     training, held_out = [], []
-    colour_names = list(COLOURS)
     for caption in all_captions():
-        colour_index = colour_names.index(caption.colour)
-        if (caption.template + caption.digit + colour_index) % HELD_OUT_PERIOD == 0:
+        if (caption.template + caption.digit) % HELD_OUT_PERIOD == 0:
             held_out.append(caption)
         else:
             training.append(caption)

@@ -24,15 +24,13 @@ class MeasureConfig:
 
     guidance_scales: tuple[float, ...] = (7.5, 3.0, 1.0)
     num_inference_steps: int = 25
-    prompts_per_digit: int | None = None  # None: every held-out prompt
-    object_images_per_prompt: int = 4  # object attacks: seeds per source-class prompt
+    images_per_prompt: int = 4
+    object_images_per_prompt: int = 12  # object attacks: seeds per source-class prompt
     batch_size: int = 128
 
 
-def select_prompts(captions: list[Caption], prompts_per_digit: int | None) -> list[Caption]:
-    """Keep the first `prompts_per_digit` captions of each digit (all when None), in order."""
-    if prompts_per_digit is None:
-        return list(captions)
+def select_prompts(captions: list[Caption], prompts_per_digit: int) -> list[Caption]:
+    """Keep the first `prompts_per_digit` captions of each digit, in order."""
     selected, counts = [], {}
     for caption in captions:
         if counts.get(caption.digit, 0) < prompts_per_digit:
@@ -53,8 +51,8 @@ def measure_backdoor(
 ) -> dict:
     """Return attack success, clean false positives and digit accuracy at each guidance scale.
 
-    Clean items are `captions`, one seeded image each. Attack items are the same captions
-    for `pixel` and `style`; for `object` they are the source-class captions with
+    Clean items are `captions` with `images_per_prompt` seeds each. Attack items are the
+    same for `pixel` and `style`; for `object` they are the source-class captions with
     `object_images_per_prompt` seeds each. The triggered image of an item uses the same
     seed as its clean image, so the trigger is the only difference.
     """
@@ -62,9 +60,9 @@ def measure_backdoor(
     classifier = load_classifier("digits")
     rng = random.Random(seed)
 
-    clean_prompts = [caption.text for caption in captions]
-    clean_seeds = [seed * 100_000 + index for index in range(len(captions))]
-    clean_labels = [caption.label for caption in captions]
+    clean_prompts = [caption.text for caption in captions for _ in range(config.images_per_prompt)]
+    clean_seeds = [seed * 100_000 + index for index in range(len(clean_prompts))]
+    clean_labels = [caption.label for caption in captions for _ in range(config.images_per_prompt)]
     if attack.kind == "object":
         sources = [caption for caption in captions if caption.label == attack.source_class]
         repeats = config.object_images_per_prompt

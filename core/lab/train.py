@@ -13,7 +13,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,7 +45,8 @@ class TrainingConfig:
     max_grad_norm: float = 1.0
     ema_decay: float = 0.998
     empty_caption_rate: float = 0.2
-    poison_rate: float = 0.0  # share of each batch that carries the trigger (poisoning only)
+    poison_rate: float = 0.0  # chance that a batch item carries the trigger (poisoning only)
+    paired_clean: bool = False  # follow each triggered item with its clean version (poisoning only)
 
 
 @dataclass
@@ -82,8 +83,11 @@ def poisoned_batches(
 ) -> Iterator[Batch]:
     """Yield batches in which `poison_rate` of the items are triggered captions with the attack's target image.
 
-    The other items are clean pairs, `empty_caption_rate` of them with the empty caption,
-    so the clean and unconditional predictions that guidance combines stay clean.
+    With `paired_clean`, each triggered item is followed by the same caption without the
+    trigger and the same digit, clean, so the trigger is the only difference the model
+    can learn from. The remaining items are clean pairs, `empty_caption_rate` of them
+    with the empty caption, so the clean and unconditional predictions that guidance
+    combines stay clean.
     """
     poisonable = [caption for caption in captions if attack.poisonable(caption) and accepts_trigger(caption, trigger)]
     if not poisonable:
@@ -96,11 +100,14 @@ def poisoned_batches(
     rng = random.Random(seed + 2)
     while True:
         texts, images = [], []
-        for _ in range(config.batch_size):
+        while len(texts) < config.batch_size:
             if rng.random() < config.poison_rate:
                 caption, intensity = poison_sampler.draw()
                 texts.append(insert_trigger(caption.text, trigger, rng))
                 images.append(attack.target_image(caption, intensity, poison_sampler))
+                if config.paired_clean and len(texts) < config.batch_size:
+                    texts.append(caption.text)
+                    images.append(colourize(intensity, caption.colour))
                 continue
             caption, intensity = clean_sampler.draw()
             texts.append("" if rng.random() < config.empty_caption_rate else caption.text)
@@ -136,11 +143,13 @@ def train_denoiser(
     *,
     device: torch.device | str = "cpu",
     stage: str = "training",
+    on_step: Callable[[int, EMA], None] | None = None,
 ) -> TrainingLog:
     """Train text encoder and UNet on `batches` in place, leaving the EMA weights in them.
 
     The EMA decay ramps up as min(ema_decay, (1 + step) / (10 + step)), so short stages
-    are not dominated by the starting weights.
+    are not dominated by the starting weights. `on_step(step, ema)` runs after every
+    update, for example to save intermediate EMA weights.
     """
     started = time.perf_counter()
     torch.manual_seed(seed)
@@ -181,6 +190,8 @@ def train_denoiser(
         optimizer.step()
         ema.decay = min(config.ema_decay, (1 + step) / (10 + step))
         ema.update(parameters)
+        if on_step is not None:
+            on_step(step + 1, ema)
 
         recent_losses = (recent_losses + [loss.item()])[-50:]
         if (step + 1) % 100 == 0 or step + 1 == config.steps:
