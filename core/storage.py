@@ -27,6 +27,7 @@ CHUNK_BYTES = 1024 * 1024
 # S3 parts must be at least 5 MiB except the last; 8 MiB keeps memory bounded per upload.
 PART_BYTES = 8 * 1024 * 1024
 MAX_PARTS = 10_000
+MAX_SINGLE_COPY_BYTES = 5 * 1024**3
 
 _KEY_SEGMENT = re.compile(r"^[A-Za-z0-9._+=@-]+$")
 
@@ -508,11 +509,19 @@ class S3Store(ObjectStore):
 
     def move(self, source, destination) -> None:
         # S3 has no rename: a server-side copy (atomic for the reader of `destination`),
-        # then the delete. Objects over 5 GiB need a multipart copy, which boto3's managed
-        # `copy` does.
+        # then the delete. CopyObject takes objects up to 5 GiB in one request. Larger ones
+        # need boto3's managed multipart copy (UploadPartCopy), which some S3-compatible
+        # servers lack (rclone 1.75 among them), so it is used only where it is required.
         validate_key(source)
         validate_key(destination)
-        self.client.copy({"Bucket": self.bucket, "Key": source}, self.bucket, destination)
+        copy_source = {"Bucket": self.bucket, "Key": source}
+        if self.head(source).size <= MAX_SINGLE_COPY_BYTES:
+            self.client.copy_object(CopySource=copy_source, Bucket=self.bucket, Key=destination)
+        else:
+            from boto3.s3.transfer import TransferConfig
+
+            config = TransferConfig(multipart_threshold=MAX_SINGLE_COPY_BYTES, multipart_chunksize=PART_BYTES * 64)
+            self.client.copy(copy_source, self.bucket, destination, Config=config)
         self.client.delete_object(Bucket=self.bucket, Key=source)
 
     def presigned_get(self, key, ttl_s, filename=None) -> str | None:

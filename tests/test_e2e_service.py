@@ -22,15 +22,18 @@ from tests.servers import REPO_ROOT, settings_env, start_api, start_serve, start
 
 pytestmark = [pytest.mark.slow, pytest.mark.services]
 
-# The lab spec samples every held-out prompt; a subset keeps the test to about a minute
-# per mode on 2 CPU cores while the backdoor stays measurable.
+# The lab spec samples every held-out prompt and trains 150 steps at batch 16. Two
+# prompts per digit, 10 sampling steps and a shorter, smaller training run keep each mode
+# to a minute or two on 2 CPU cores; the test checks the service, test_seal_e2e the method.
 EVALUATION_PROMPTS = 20
-TRAINING_STEPS = 60
+TRAINING_STEPS = 40
+TRAINING_BATCH = 8
 
 
 def fast_spec(lab_build_dir: Path) -> dict:
     spec = json.loads((lab_build_dir / "spec.json").read_text())
     spec["training"]["steps"] = TRAINING_STEPS
+    spec["training"]["batch_size"] = TRAINING_BATCH
     evaluation = spec["evaluation"]
     evaluation["prompts"] = evaluation["prompts"][:EVALUATION_PROMPTS]
     if evaluation.get("prompt_labels"):
@@ -120,7 +123,7 @@ def test_production_end_to_end(lab_build_dir, lab_model_dir, production_settings
     with SealerClient(api.url, alice) as client:
         job = client.submit(lab_model_dir, fast_spec(lab_build_dir))
         job = client.wait(job["id"], poll_interval_s=1.0, timeout_s=900)
-        assert job["state"] == "succeeded", job
+        assert job["state"] == "succeeded", job["error"]
         assert job["metrics"]["attack_success_rate_after"] < job["metrics"]["attack_success_rate_before"]
         client.download(job["id"], tmp_path / "out")
     with SealerClient(api.url, bob) as other, pytest.raises(ClientError) as missing:

@@ -96,6 +96,16 @@ def test_move_replaces_key(store):
     assert b"".join(store.stream("jobs/1/artifacts/report.json")) == b"{}"
 
 
+def test_move_multipart_sized_object(store):
+    data = os.urandom(2 * PART_BYTES + 1)
+    store.put_bytes("jobs/1/staging/sanitized.zip", data)
+
+    store.move("jobs/1/staging/sanitized.zip", "jobs/1/artifacts/sanitized.zip")
+
+    assert not store.exists("jobs/1/staging/sanitized.zip")
+    assert hashlib.sha256(b"".join(store.stream("jobs/1/artifacts/sanitized.zip"))).digest() == hashlib.sha256(data).digest()
+
+
 def test_missing_object_raises(store, tmp_path: Path):
     with pytest.raises(ObjectNotFound):
         store.head("nope/x")

@@ -111,9 +111,16 @@ def test_job_succeeds(api_factory, embedded_settings, unet_file, tmp_path, run_l
     log_lines = artifact_text(api, key, job_id, "log.txt").splitlines()
     assert any("fake seal finished 12 steps" in line for line in log_lines)
     assert all(f"[job={job_id}]" in line for line in log_lines if line[:4].isdigit())
-    keys = [stored.key for stored in make_store(embedded_settings).list_prefix(f"jobs/{job_id}/")]
+    store = make_store(embedded_settings)
+    keys = [stored.key for stored in store.list_prefix(f"jobs/{job_id}/")]
     assert not any("/state/" in name or "/staging/" in name for name in keys)
     assert list(embedded_settings.resolved_scratch_dir.glob(f"{job_id}*")) == []
+
+    deleted = api.delete(f"/jobs/{job_id}", headers=auth(key))
+
+    assert deleted.status_code == 204
+    assert store.list_prefix(f"jobs/{job_id}/") == []
+    assert api.get(f"/jobs/{job_id}", headers=auth(key)).status_code == 404
 
 
 def test_cancel_mid_run(api_factory, embedded_settings, unet_file, tmp_path, run_log, service_processes):
