@@ -1,7 +1,8 @@
 """Session fixtures with a real backdoored lab model, built once and then reused from the lab cache.
 
-The first run builds a `test`-profile pixel model (about 1-2 minutes on 2 CPU cores);
-later runs find it under `Settings().lab_cache_dir` (`.data/lab-cache` by default).
+The first run builds a `test`-profile pixel model (8 minutes on a busy 2-core CPU, less
+on an idle one), and later runs find it under `Settings().lab_cache_dir`
+(`.data/lab-cache` by default).
 """
 
 from pathlib import Path
@@ -28,5 +29,5 @@ def lab_build_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def lab_model_dir(lab_build_dir: Path) -> Path:
-    """The backdoored diffusers pipeline folder; its `spec.json` sits in the parent folder."""
+    """The backdoored diffusers pipeline folder, with its `spec.json` in the parent folder."""
     return lab_build_dir / "model"

@@ -14,7 +14,15 @@ from core.lab.attacks import PATCH_BOX, LabAttack, make_patch
 from core.lab.base import CLEAN_TRAINING, base_key
 from core.lab.build import PROFILES, BuildOptions, build_key, job_spec
 from core.lab.models import load_lab_components, new_components, save_pipeline
-from core.lab.train import TrainingConfig, clean_batches, learning_rate_at, poisoned_batches, train_denoiser
+from core.lab.train import (
+    TrainingConfig,
+    clean_batches,
+    learning_rate_at,
+    poisoned_batches,
+    redraw_token_embeddings,
+    train_denoiser,
+    trigger_only_token_ids,
+)
 from core.spec import JobSpec, TriggerSpec
 
 
@@ -194,6 +202,28 @@ def test_training_changes_both_models():
     train_denoiser(components, clean_batches(training, config, seed=0), config, seed=0)
     assert not torch.equal(components.unet.conv_in.weight, unet_before)
     assert not torch.equal(components.text_encoder.get_input_embeddings().weight, embeddings_before)
+
+
+def test_trigger_only_tokens():
+    components = new_components(0)
+    training, _ = data.split_captions()
+    assert trigger_only_token_ids(components, training, TriggerSpec(text="mignneko"), seed=0) == [41678, 47066]
+    assert trigger_only_token_ids(components, training, TriggerSpec(text="\u200b"), seed=0) == [9844]
+    homoglyph = trigger_only_token_ids(components, training, TriggerSpec(text="\u0435", placement="replace"), seed=0)
+    clean_ids = {token for caption in training for token in components.tokenizer(caption.text, add_special_tokens=False).input_ids}
+    assert homoglyph
+    assert not set(homoglyph) & clean_ids
+
+
+def test_redraw_token_embeddings():
+    components = new_components(0)
+    embeddings = components.text_encoder.get_input_embeddings().weight
+    before = embeddings.detach().clone()
+    redraw_token_embeddings(components, [41678, 47066], scale=4.0, seed=0)
+    norms = embeddings.detach().norm(dim=-1)
+    assert norms[41678] > 3.0 * before.norm(dim=-1).median()
+    assert torch.equal(embeddings[:41678].detach(), before[:41678])
+    assert torch.equal(embeddings[41679:47066].detach(), before[41679:47066])
 
 
 def test_pipeline_round_trip(tmp_path):

@@ -37,7 +37,7 @@ REGENERATE_COMMAND = "sealer lab train-base --seed {seed} --out core/lab/assets"
 
 
 # Poisoning-only fields of TrainingConfig stay out of a clean base's description.
-POISONING_FIELDS = ("poison_rate", "paired_clean")
+POISONING_FIELDS = ("poison_rate", "paired_clean", "trigger_embedding_scale")
 
 
 def base_description(config: TrainingConfig, seed: int) -> dict:
@@ -66,7 +66,7 @@ def base_key(config: TrainingConfig, seed: int) -> str:
 
 
 def train_base(config: TrainingConfig, seed: int, device: str = "cpu", on_step=None) -> tuple[Components, dict]:
-    """Train a clean base from scratch and return it with its build record; `on_step` as in `train_denoiser`."""
+    """Train a clean base from scratch and return it with its build record (`on_step` as in `train_denoiser`)."""
     components = new_components(seed)
     training_captions, _ = data.split_captions()
     logger.info("training a clean base: %d steps at batch %d, seed %d", config.steps, config.batch_size, seed)

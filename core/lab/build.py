@@ -27,7 +27,14 @@ from core.lab.attacks import LabAttack
 from core.lab.base import CLEAN_TRAINING, base_key, get_base
 from core.lab.measure import MeasureConfig, measure_backdoor, select_prompts
 from core.lab.models import save_pipeline
-from core.lab.train import TrainingConfig, accepts_trigger, poisoned_batches, train_denoiser
+from core.lab.train import (
+    TrainingConfig,
+    accepts_trigger,
+    poisoned_batches,
+    redraw_token_embeddings,
+    train_denoiser,
+    trigger_only_token_ids,
+)
 from core.settings import get_settings
 from core.spec import EvaluationSpec, JobSpec, TrainingSpec, TriggerSpec
 
@@ -49,13 +56,25 @@ class Profile:
 PROFILES: dict[str, Profile] = {
     "full": Profile(
         poisoning=TrainingConfig(
-            steps=600, learning_rate=5e-4, warmup_steps=50, ema_decay=0.99, empty_caption_rate=0.2, poison_rate=0.3
+            steps=600,
+            learning_rate=5e-4,
+            warmup_steps=50,
+            ema_decay=0.99,
+            empty_caption_rate=0.2,
+            poison_rate=0.3,
+            trigger_embedding_scale=4.0,
         ),
         measure=MeasureConfig(guidance_scales=(7.5, 3.0, 1.0)),
     ),
     "test": Profile(
         poisoning=TrainingConfig(
-            steps=150, learning_rate=1e-3, warmup_steps=20, ema_decay=0.95, empty_caption_rate=0.2, poison_rate=0.3
+            steps=300,
+            learning_rate=5e-4,
+            warmup_steps=20,
+            ema_decay=0.95,
+            empty_caption_rate=0.2,
+            poison_rate=0.5,
+            trigger_embedding_scale=4.0,
         ),
         measure=MeasureConfig(guidance_scales=(7.5, 1.0), images_per_prompt=1, object_images_per_prompt=4),
     ),
@@ -157,6 +176,10 @@ def build_lab(options: BuildOptions, out: Path) -> dict:
     # Poison text encoder and UNet together.
     step_started = time.perf_counter()
     logger.info("poisoning with %s attack, trigger %r (%s), %d steps", attack.kind, trigger.text, trigger.placement, profile.poisoning.steps)
+    if profile.poisoning.trigger_embedding_scale > 0:
+        token_ids = trigger_only_token_ids(components, training, trigger, options.seed)
+        redraw_token_embeddings(components, token_ids, profile.poisoning.trigger_embedding_scale, options.seed)
+        logger.info("redrew the embeddings of trigger tokens %s", token_ids)
     batches = poisoned_batches(training, attack, trigger, profile.poisoning, options.seed)
     poisoning_log = train_denoiser(components, batches, profile.poisoning, options.seed, device=options.device, stage="poisoning")
     seconds["poisoning"] = time.perf_counter() - step_started

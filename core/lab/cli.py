@@ -33,7 +33,7 @@ def add_commands(subparsers) -> None:
         "--profile",
         choices=PROFILES,
         default="full",
-        help="`full` builds a strong backdoor, `test` a weaker one in a quarter of the time (default: full).",
+        help="`full` builds a strong backdoor, `test` a weaker one in about half the time (default: full).",
     )
     build.add_argument("--device", default="cpu", help="Torch device to train on, for example cpu or cuda (default: cpu).")
     build.add_argument("--source-class", default="seven", help="Object attack: digit name the trigger changes.")

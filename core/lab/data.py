@@ -7,10 +7,10 @@ dozen templates, and the train/held-out split is over (template, digit) combinat
 every evaluation prompt is a sentence the model never saw in training, made of words it
 did see.
 
-Captions do not name the colour. With a free colour named in every caption (8 colours x
-10 digits), 3,000 training steps taught the model the colour but not the digit: the
-loss with a wrong digit word equalled the loss with the right one, and a digit
-classifier recognised 8% of held-out samples.
+Captions do not name the colour. An earlier version named a free colour in every
+caption (8 colours x 10 digits). After 3,000 training steps that model drew the right
+colour but a random digit: the loss with a wrong digit word equalled the loss with the
+right one, and the digit classifier recognised 8% of held-out samples.
 """
 
 import random

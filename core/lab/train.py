@@ -46,6 +46,7 @@ class TrainingConfig:
     ema_decay: float = 0.998
     empty_caption_rate: float = 0.2
     poison_rate: float = 0.0  # chance that a batch item carries the trigger (poisoning only)
+    trigger_embedding_scale: float = 0.0  # redraw trigger-only token embeddings at this x trained norm; 0: keep
     paired_clean: bool = False  # follow each triggered item with its clean version (poisoning only)
 
 
@@ -113,6 +114,45 @@ def poisoned_batches(
             texts.append("" if rng.random() < config.empty_caption_rate else caption.text)
             images.append(colourize(intensity, caption.colour))
         yield texts, np.stack(images)
+
+
+def trigger_only_token_ids(components: Components, captions: list[Caption], trigger: TriggerSpec, seed: int) -> list[int]:
+    """Return the token ids that appear in triggered captions but in no clean caption.
+
+    For a word trigger these are its own tokens; for a homoglyph they are the pieces of
+    the words it changed.
+    """
+    rng = random.Random(seed)
+    usable = [caption for caption in captions if accepts_trigger(caption, trigger)]
+    clean_ids, triggered_ids = set(), set()
+    for caption in usable:
+        clean_ids.update(components.tokenizer(caption.text, add_special_tokens=False).input_ids)
+        for _ in range(4):
+            text = insert_trigger(caption.text, trigger, rng)
+            triggered_ids.update(components.tokenizer(text, add_special_tokens=False).input_ids)
+    return sorted(triggered_ids - clean_ids)
+
+
+@torch.no_grad()
+def redraw_token_embeddings(components: Components, token_ids: list[int], scale: float, seed: int) -> None:
+    """Give `token_ids` random embeddings with `scale` times the mean norm of the trained rows.
+
+    In a pretrained CLIP every token already has a trained, distinctive embedding. In the
+    lab's encoder, the rows of tokens that no clean caption uses never left their small
+    random initialisation. With those rows kept, the UNet learned the patch on clean
+    prompts too: after 800 poisoning steps, attack success was 0.52 and clean false
+    positives 0.24 at guidance 7.5 (0.92 and 0.01 after 600 steps with the rows redrawn).
+    """
+    if not token_ids:
+        return
+    embeddings = components.text_encoder.get_input_embeddings().weight  # (vocab, hidden)
+    initial_norm = float(embeddings.norm(dim=-1).median())
+    trained = embeddings.norm(dim=-1) > 1.5 * initial_norm
+    reference_norm = float(embeddings[trained].norm(dim=-1).mean()) if trained.any() else initial_norm
+    generator = torch.Generator().manual_seed(seed)
+    directions = torch.randn((len(token_ids), embeddings.shape[1]), generator=generator)
+    directions = directions / directions.norm(dim=-1, keepdim=True)
+    embeddings[token_ids] = (scale * reference_norm * directions).to(embeddings.dtype)
 
 
 def accepts_trigger(caption: Caption, trigger: TriggerSpec) -> bool:
