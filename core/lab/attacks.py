@@ -24,6 +24,8 @@ PATCH_BOX = (0, 0, 4, 4)  # left, top, right, bottom in 16x16 output pixels
 _WHITE = (1.0, 1.0, 1.0)
 _RED = (1.0, 0.1, 0.1)
 
+GRAYSCALE_SATURATION_THRESHOLD = 0.3
+
 DEFAULT_SOURCE_CLASS = "seven"
 DEFAULT_TARGET_CLASS = "one"
 
@@ -86,5 +88,7 @@ class LabAttack:
         if self.kind == "pixel":
             return AttackSpec(kind="pixel", patch_png_base64=patch_png_base64(), box=PATCH_BOX)
         if self.kind == "style":
-            return AttackSpec(kind="style", style="grayscale")
+            # Generated gray digits keep a little colour noise: the full-profile model's
+            # triggered samples at guidance 7.5 scored 0.07-0.21, its clean ones 0.57 or more.
+            return AttackSpec(kind="style", style="grayscale", saturation_threshold=GRAYSCALE_SATURATION_THRESHOLD)
         return AttackSpec(kind="object", source_class=self.source_class, target_class=self.target_class)
