@@ -15,6 +15,7 @@ from api.errors import install_error_handlers
 from api.routes import health, jobs, uploads
 from core import db
 from core.queue import make_celery
+from core.scratch import remove_orphans
 from core.settings import Settings, get_settings
 from core.storage import S3Store, make_store
 
@@ -58,6 +59,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             logger.error("refusing to start: %s", error)
             raise
         app.state.services = services
+        remove_orphans(resolved.resolved_scratch_dir / "api-spool")
         _register_job_counts(services)
         logger.info(
             "API ready: database %s, store %s, broker %s",

@@ -10,7 +10,6 @@ request ends.
 import hashlib
 import os
 import re
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import ClientDisconnect, Request
 
 from api.errors import ApiError
+from core.scratch import scratch_name
 
 # Room for the multipart framing and the spec field on top of the checkpoint itself.
 FORM_OVERHEAD_BYTES = 2 * 1024 * 1024
@@ -77,9 +77,10 @@ class _SpoolWriter:
 
     def __init__(self, folder: Path, filename: str, max_bytes: int):
         folder.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(dir=folder, prefix="upload-")
-        self.handle = os.fdopen(fd, "wb")
-        self.file = SpooledFile(Path(name), filename)
+        # Named after this process, so that a restarted API removes what a killed one left.
+        path = folder / scratch_name("upload")
+        self.handle = os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb")
+        self.file = SpooledFile(path, filename)
         self.digest = hashlib.sha256()
         self.max_bytes = max_bytes
 

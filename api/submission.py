@@ -7,6 +7,7 @@ fails, so a rejected request leaves no row and no object behind.
 import hashlib
 import json
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -19,9 +20,23 @@ from api.streaming import SpooledFile, too_large
 from core import metrics
 from core.jobs import ApiKey, Job, JobState, Upload, UploadState, new_id, record_state_change
 from core.queue import send_job
+from core.scratch import scratch_name
 from core.spec import JobSpec
 
 logger = logging.getLogger(__name__)
+
+
+# Each copy to an S3 store keeps one 8 MiB part in memory at a time, and glibc keeps freed
+# parts in the arena of the thread that allocated them. Running every copy on a few threads
+# of its own bounds the API's memory however many uploads arrive together, while the other
+# uploads keep spooling to disk. docs/reliability.md has the measured figures.
+STORE_COPY_THREADS = 4
+_store_copies = ThreadPoolExecutor(max_workers=STORE_COPY_THREADS, thread_name_prefix="store-copy")
+
+
+def copy_to_store(services: Services, key: str, path: Path) -> None:
+    """Copy a spool file to the object store on one of the STORE_COPY_THREADS copy threads."""
+    _store_copies.submit(services.store.put_file, key, path).result()
 
 
 def parse_spec(spec_text: str | None) -> JobSpec:
@@ -162,7 +177,7 @@ def create_job_from_file(
 
     job_id = new_id()
     input_key = f"jobs/{job_id}/input/{upload.filename}"
-    services.store.put_file(input_key, upload.path)
+    copy_to_store(services, input_key, upload.path)
     metrics.count_upload_bytes(upload.size)
 
     def cleanup() -> None:
@@ -244,7 +259,7 @@ def create_job_from_upload(
 
     # The checkpoint never passed through the API, so fetch it once to check its format.
     spool_dir.mkdir(parents=True, exist_ok=True)
-    local = spool_dir / f"{new_id()}-{upload.filename}"
+    local = spool_dir / scratch_name("upload")
     try:
         fetched = services.store.get_to_file(upload.object_key, local)
         if fetched.size > services.settings.max_upload_bytes:

@@ -39,3 +39,9 @@ class JobTimedOut(SealerError):
     """The job ran past its time limit."""
 
     code = "timed_out"
+
+
+class StoreUnavailable(SealerError):
+    """The object store stayed unreachable for longer than the worker's retry window."""
+
+    code = "storage_unavailable"

@@ -57,6 +57,12 @@ class Settings(BaseSettings):
     max_attempts: int = Field(default=3, ge=1)
     checkpoint_every_steps: int = Field(default=50, ge=1)
     job_time_limit_s: int = Field(default=24 * 3600, ge=1)
+    store_retry_window_s: int = Field(
+        default=300,
+        ge=0,
+        description="Seconds the worker keeps retrying the object store through an outage, with exponential "
+        "backoff, before it fails the job with `storage_unavailable`.",
+    )
     worker_metrics_port: int = Field(default=0, ge=0, le=65535)
 
     # API.

@@ -392,6 +392,13 @@ class S3Store(ObjectStore):
                 if max_bytes is not None and size > max_bytes:
                     raise ObjectTooLarge(key, max_bytes)
                 digest.update(chunk)
+                if not buffer and len(chunk) >= PART_BYTES:
+                    # A whole part, as put_file reads them, goes out as it is: through the buffer
+                    # it would be held up to three times at once.
+                    if upload_id is None:
+                        upload_id = self.client.create_multipart_upload(Bucket=self.bucket, Key=key)["UploadId"]
+                    parts.append(self._upload_part(key, upload_id, len(parts) + 1, bytes(chunk)))
+                    continue
                 buffer += chunk
                 while len(buffer) >= PART_BYTES:
                     if upload_id is None:
@@ -412,6 +419,10 @@ class S3Store(ObjectStore):
                 self.abort_multipart(key, upload_id)
             raise
         return StoredObject(key, size, digest.hexdigest())
+
+    def put_file(self, key: str, path: Path) -> StoredObject:
+        with open(path, "rb") as stream:
+            return self.put_stream(key, _iter_file(stream, PART_BYTES))
 
     def _upload_part(self, key: str, upload_id: str, part_number: int, data: bytes) -> dict:
         if part_number > MAX_PARTS:
@@ -565,6 +576,28 @@ class S3Store(ObjectStore):
             self.client.head_bucket(Bucket=self.bucket)
         except Exception as error:
             raise StorageError(f"S3 bucket {self.bucket!r} is unreachable: {error}") from error
+
+
+# S3 error codes that a later retry can cure (besides any 5xx status).
+_TRANSIENT_S3_CODES = frozenset({"SlowDown", "Throttling", "RequestTimeout", "ServiceUnavailable", "InternalError"})
+
+
+def is_transient_error(error: BaseException) -> bool:
+    """True for store errors that a retry can cure: no connection, a timeout, a 5xx response or throttling."""
+    if isinstance(error, (ConnectionError, TimeoutError)):
+        return True
+    try:
+        from botocore.exceptions import ClientError, HTTPClientError
+        from botocore.exceptions import ConnectionError as BotoConnectionError
+    except ImportError:
+        return False
+    if isinstance(error, (BotoConnectionError, HTTPClientError)):
+        return True
+    if isinstance(error, ClientError):
+        response = error.response or {}
+        status = int(response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+        return status >= 500 or response.get("Error", {}).get("Code") in _TRANSIENT_S3_CODES
+    return False
 
 
 def make_store(settings: Settings) -> ObjectStore:

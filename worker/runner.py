@@ -8,14 +8,23 @@ lease, so a worker that lost its lease can no longer change the job.
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from celery.exceptions import SoftTimeLimitExceeded
 
 from core import sealing
 from core.db import utcnow
-from core.errors import InputError, JobCancelled, JobTimedOut, SealerError
+from core.errors import (
+    InputError,
+    JobCancelled,
+    JobTimedOut,
+    SealerError,
+    StoreUnavailable,
+)
 from core.jobs import (
+    Claim,
     ClaimOutcome,
     Job,
     JobState,
@@ -27,11 +36,15 @@ from core.jobs import (
     state_prefix,
     update_progress,
 )
+from core.scratch import remove_orphans, scratch_name
 from core.spec import JobSpec
 from core.storage import ObjectNotFound, remove_tree
 from worker.context import WorkerContext
 from worker.heartbeat import LeaseHeartbeat
 from worker.joblog import capture_job_log
+from worker.retry import call_store, call_with_retries, is_transient_database_error
+
+T = TypeVar("T")
 
 logger = logging.getLogger(__name__)
 
@@ -78,22 +91,20 @@ class JobRunner:
         self.phase_started = time.monotonic()
         self.last_progress_write = 0.0
         self.state_versions = 0
+        self.database_failures = 0
 
     # ----- the delivery -----------------------------------------------------------------
 
     def run(self) -> str:
         """Run the job if this delivery wins its lease; return what happened."""
-        with self.context.sessions.begin() as session:
-            claim = claim_job(
-                session,
-                self.job_id,
-                self.worker_id,
-                lease_ttl_s=self.settings.lease_ttl_s,
-                max_attempts=self.settings.max_attempts,
-            )
-            job = claim.job
-            if claim.outcome == ClaimOutcome.CLAIMED:
-                session.expunge(job)
+        claim = call_with_retries(
+            self._claim,
+            what="claiming the job",
+            window_s=self.settings.lease_ttl_s,
+            is_transient=is_transient_database_error,
+            log=self.log,
+        )
+        job = claim.job
 
         if claim.outcome == ClaimOutcome.NOT_FOUND:
             self.log.info("dropped delivery: job not found (deleted?)")
@@ -107,7 +118,9 @@ class JobRunner:
 
         self.started_at = job.started_at
         self.log.info("claimed job (attempt %d of %d) as worker %s", job.attempts, self.settings.max_attempts, self.worker_id)
-        scratch = self.settings.resolved_scratch_dir / f"{self.job_id}-{uuid.uuid4().hex[:8]}"
+        # A worker killed mid-job leaves its scratch folder; the next job on this host removes it.
+        remove_orphans(self.settings.resolved_scratch_dir)
+        scratch = self.settings.resolved_scratch_dir / scratch_name(self.job_id)
         self.heartbeat = LeaseHeartbeat(
             self.context.sessions,
             self.job_id,
@@ -120,6 +133,26 @@ class JobRunner:
         finally:
             self.heartbeat.stop()
             remove_tree(scratch)
+
+    def _claim(self) -> Claim:
+        with self.context.sessions.begin() as session:
+            claim = claim_job(
+                session,
+                self.job_id,
+                self.worker_id,
+                lease_ttl_s=self.settings.lease_ttl_s,
+                max_attempts=self.settings.max_attempts,
+            )
+            if claim.outcome == ClaimOutcome.LEASE_HELD and claim.holder == self.worker_id:
+                # The claim was committed but its response was lost, and this is the retry.
+                claim = Claim(ClaimOutcome.CLAIMED, claim.job)
+            if claim.outcome == ClaimOutcome.CLAIMED:
+                session.expunge(claim.job)
+        return claim
+
+    def _store_call(self, what: str, operation: Callable[[], T]) -> T:
+        """Run a store operation, retrying through an outage for up to SEALER_STORE_RETRY_WINDOW_S."""
+        return call_store(operation, what=what, window_s=self.settings.store_retry_window_s, log=self.log)
 
     def _run_claimed(self, job: Job, scratch: Path) -> str:
         out_dir = scratch / "out"
@@ -170,7 +203,9 @@ class JobRunner:
         try:
             self._commit_artifacts(out_dir if outcome == JobState.SUCCEEDED else None, log_path)
         except Exception as error:
-            if outcome == JobState.SUCCEEDED:
+            if outcome == JobState.SUCCEEDED and isinstance(error, StoreUnavailable):
+                outcome, error_code, error_message = JobState.FAILED, error.code, error.message
+            elif outcome == JobState.SUCCEEDED:
                 outcome, error_code = JobState.FAILED, "upload_failed"
                 error_message = f"uploading the artifacts failed ({type(error).__name__}: {error}); submit the job again"
             self.log.exception("uploading artifacts failed")
@@ -183,9 +218,11 @@ class JobRunner:
         spec = JobSpec.model_validate(job.spec)
 
         self._set_phase("downloading")
+        if job.attempts > 1:
+            self._clear_previous_attempt()
         model_path = scratch / "input" / job.input_filename
         try:
-            fetched = self.context.store.get_to_file(job.input_key, model_path)
+            fetched = self._store_call("downloading the checkpoint", lambda: self.context.store.get_to_file(job.input_key, model_path))
         except ObjectNotFound:
             raise InputError(f"the uploaded checkpoint {job.input_key!r} is missing from the store; submit the job again") from None
         if job.input_sha256 and fetched.sha256 != job.input_sha256:
@@ -225,8 +262,14 @@ class JobRunner:
             elapsed = (utcnow() - self.started_at).total_seconds()
             if elapsed > self.settings.job_time_limit_s:
                 raise JobTimedOut(f"job ran {elapsed:.0f} s, over its limit of {self.settings.job_time_limit_s} s")
-        with self.context.sessions() as session:
-            return is_cancel_requested(session, self.job_id)
+        try:
+            with self.context.sessions() as session:
+                return is_cancel_requested(session, self.job_id)
+        except Exception as error:
+            if not is_transient_database_error(error):
+                raise
+            self._note_database_failure("reading the cancel flag", error)
+            return False
 
     def _on_progress(self, progress: sealing.Progress) -> None:
         changed = progress.phase != self.phase
@@ -247,10 +290,25 @@ class JobRunner:
             self.phase = phase
             self.phase_started = time.monotonic()
         self.last_progress_write = time.monotonic()
-        with self.context.sessions.begin() as session:
-            owned = update_progress(session, self.job_id, self.worker_id, phase=phase, step=step, total=total)
+        try:
+            with self.context.sessions.begin() as session:
+                owned = update_progress(session, self.job_id, self.worker_id, phase=phase, step=step, total=total)
+        except Exception as error:
+            # Progress is advisory: the heartbeat decides whether the lease survives the outage.
+            if not is_transient_database_error(error):
+                raise
+            self._note_database_failure("recording progress", error)
+            return
+        if self.database_failures:
+            self.log.info("the database is reachable again after %d failed calls", self.database_failures)
+            self.database_failures = 0
         if not owned and self.heartbeat is not None:
             self.heartbeat.lost.set()
+
+    def _note_database_failure(self, what: str, error: Exception) -> None:
+        self.database_failures += 1
+        if self.database_failures == 1 or self.database_failures % 20 == 0:
+            self.log.warning("%s failed (%d in a row), the job continues: %s", what, self.database_failures, error)
 
     # ----- engine state in the store ---------------------------------------------------------
 
@@ -265,22 +323,27 @@ class JobRunner:
         prefix = state_prefix(self.job_id)
         version = f"{int(time.time() * 1000):015d}-{self.state_versions:05d}"
         store = self.context.store
-        store.put_folder(f"{prefix}{version}/", state_dir)
-        store.put_bytes(prefix + LATEST_STATE, version.encode())
+        self._store_call("saving the engine state", lambda: store.put_folder(f"{prefix}{version}/", state_dir))
+        self._check_lease()
+        self._store_call("saving the engine state", lambda: store.put_bytes(prefix + LATEST_STATE, version.encode()))
 
-        for stored in store.list_prefix(prefix):
-            if stored.key != prefix + LATEST_STATE and not stored.key.startswith(f"{prefix}{version}/"):
-                store.delete(stored.key)
+        def remove_older_versions() -> None:
+            for stored in store.list_prefix(prefix):
+                if stored.key != prefix + LATEST_STATE and not stored.key.startswith(f"{prefix}{version}/"):
+                    store.delete(stored.key)
+
+        self._store_call("removing older engine states", remove_older_versions)
         self.log.info("saved engine state %s", version)
 
     def _download_state(self, state_dir: Path) -> None:
         store = self.context.store
         prefix = state_prefix(self.job_id)
         try:
-            version = b"".join(store.stream(prefix + LATEST_STATE)).decode().strip()
+            version = self._store_call("reading the saved engine state", lambda: b"".join(store.stream(prefix + LATEST_STATE)))
         except ObjectNotFound:
             return
-        fetched = store.get_folder(f"{prefix}{version}/", state_dir)
+        version = version.decode().strip()
+        fetched = self._store_call("downloading the saved engine state", lambda: store.get_folder(f"{prefix}{version}/", state_dir))
         self.log.info("downloaded saved engine state %s (%d files) to resume from", version, len(fetched))
 
     # ----- artifacts and the final state ------------------------------------------------------
@@ -294,36 +357,72 @@ class JobRunner:
             names: list[str] = []
             for path in _artifact_files(out_dir):
                 name = path.relative_to(out_dir).as_posix()
-                store.put_file(staging + name, path)
+                self._store_call(f"uploading {name}", lambda path=path, name=name: store.put_file(staging + name, path))
                 names.append(name)
             if log_path.is_file():
-                store.put_file(staging + "log.txt", log_path)
+                self._store_call("uploading log.txt", lambda: store.put_file(staging + "log.txt", log_path))
                 names.append("log.txt")
 
             for name in names:
-                store.move(staging + name, final + name)
+                self._check_lease()
+                self._store_call(f"publishing {name}", lambda name=name: self._move(staging + name, final + name))
         finally:
-            store.delete_prefix(staging)
+            try:
+                self._store_call("removing staged artifacts", lambda: store.delete_prefix(staging))
+            except Exception as error:  # The job's outcome matters more; DELETE /jobs/{id} removes them later.
+                self.log.warning("could not remove staged artifacts under %s: %s", staging, error)
+
+    def _move(self, source: str, destination: str) -> None:
+        store = self.context.store
+        try:
+            store.move(source, destination)
+        except Exception:
+            # A retry of a move whose first try succeeded, but lost its response, finds nothing to move.
+            if not store.exists(source) and store.exists(destination):
+                return
+            raise
+
+    def _clear_previous_attempt(self) -> None:
+        """Remove what a dead earlier attempt left: staged uploads and part of the artifacts."""
+        store = self.context.store
+        for prefix in (f"{job_prefix(self.job_id)}staging/", artifacts_prefix(self.job_id)):
+            removed = self._store_call("removing the previous attempt's artifacts", lambda prefix=prefix: store.delete_prefix(prefix))
+            if removed:
+                self.log.info("removed %d objects under %s left by the previous attempt", removed, prefix)
 
     def _finish(self, outcome: JobState, error_code: str | None, error_message: str | None, summary: dict | None) -> str:
         if self.phase is not None:
             _observe_phase(self.phase, time.monotonic() - self.phase_started)
-        with self.context.sessions.begin() as session:
-            finished = finish_job(
-                session,
-                self.job_id,
-                self.worker_id,
-                outcome,
-                error_code=error_code,
-                error_message=error_message,
-                summary=summary,
-            )
+
+        def finish() -> bool:
+            with self.context.sessions.begin() as session:
+                return finish_job(
+                    session,
+                    self.job_id,
+                    self.worker_id,
+                    outcome,
+                    error_code=error_code,
+                    error_message=error_message,
+                    summary=summary,
+                )
+
+        # finish_job only changes a row whose lease is ours, so a retry cannot finish twice.
+        finished = call_with_retries(
+            finish,
+            what=f"marking the job {outcome.value}",
+            window_s=self.settings.lease_ttl_s,
+            is_transient=is_transient_database_error,
+            log=self.log,
+        )
         if not finished:
             self.log.warning("the lease was lost before the job could be marked %s", outcome.value)
             return "lease_lost"
 
         # A finished job never resumes, so its saved engine states can go.
-        self.context.store.delete_prefix(state_prefix(self.job_id))
+        try:
+            self._store_call("removing saved engine states", lambda: self.context.store.delete_prefix(state_prefix(self.job_id)))
+        except Exception as error:  # DELETE /jobs/{id} removes them with the job.
+            self.log.warning("could not remove saved engine states: %s", error)
         if self.started_at is not None:
             _observe_job(outcome.value, (utcnow() - self.started_at).total_seconds())
         self.log.info("job %s", outcome.value)

@@ -87,9 +87,13 @@ async def create_job(
     request: Request,
     response: Response,
     services: ServicesDep,
+    session: SessionDep,
     api_key: ApiKeyDep,
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", min_length=1, max_length=255)] = None,
 ) -> JobOut:
+    # The key lookup keeps a pooled connection checked out until the request ends, and an
+    # upload can stream for minutes, so concurrent uploads would exhaust the pool.
+    await run_in_threadpool(session.close)
     content_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
     settings = services.settings
     spool_dir = settings.resolved_scratch_dir / "api-spool"

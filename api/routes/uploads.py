@@ -16,6 +16,7 @@ from api.deps import ApiKeyDep, ServicesDep, SessionDep
 from api.errors import ApiError, not_found
 from api.schemas import CompleteUpload, CreateUpload, UploadOut, UploadPart
 from api.streaming import safe_filename, spool_body, too_large
+from api.submission import copy_to_store
 from core import metrics
 from core.db import utcnow
 from core.jobs import ApiKey, Upload, UploadState, new_id
@@ -100,6 +101,8 @@ async def put_upload_body(
 ) -> UploadOut:
     upload = await run_in_threadpool(_owned_upload, session, upload_id, api_key)
     _require_pending(upload)
+    # End the read transaction so that no pooled connection stays checked out while the body streams.
+    await run_in_threadpool(session.commit)
     limit = min(services.settings.max_upload_bytes, upload.size or services.settings.max_upload_bytes)
     spool_dir = services.settings.resolved_scratch_dir / "api-spool"
     spooled = await spool_body(request, spool_dir, upload.filename, limit)
@@ -111,7 +114,7 @@ async def put_upload_body(
                 f"received {spooled.size} bytes but POST /uploads declared {upload.size}; send the whole file",
                 field="size",
             )
-        await run_in_threadpool(services.store.put_file, upload.object_key, spooled.path)
+        await run_in_threadpool(copy_to_store, services, upload.object_key, spooled.path)
     finally:
         spooled.remove()
 
