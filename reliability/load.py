@@ -126,7 +126,7 @@ def poll_job_latency(
         requests = sum(run["requests"] for run in runs)
         api_cpu_ms = (_process_cpu_s(stack.api.process.pid) - api_cpu_before) * 1000
 
-        # An overloaded API works off its backlog of abandoned requests before it answers again.
+        # An overloaded API works off its backlog of abandoned requests before it responds again.
         drained = wait_until(lambda: all(stack.job(job_id) is not None for job_id in job_ids[:3]), 180)
         result.details["backlog_drained"] = drained
         states = [(stack.job(job_id) or {}).get("state") for job_id in job_ids]
