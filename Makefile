@@ -38,6 +38,11 @@ bench-quick: install
 	$(BIN)/python benchmarks/scaling.py --sizes lab --batch-models lab --batches 1,4,16 --steps 2 --warmup 1
 	$(BIN)/python benchmarks/evaluation_cost.py --images 16 --inference-steps 10 --lab-build none
 
+# Fault and load scenarios against Redis, PostgreSQL and S3 servers that it starts on loopback
+# (the binaries `make test` needs). Figures and method: docs/reliability.md.
+reliability: install
+	$(BIN)/python -m reliability.run --results reliability-results.json
+
 lint: install
 	$(BIN)/python -m compileall -q api core worker migrations tests
 	$(BIN)/hadolint docker/api.Dockerfile docker/worker.Dockerfile

@@ -329,20 +329,8 @@ def _load_unet_folder(folder: Path, dtype: torch.dtype) -> tuple[str | None, lis
         names = sorted(set(index["weight_map"].values()))
     headers = [read_safetensors_file(folder / name) for name in names]
 
-    try:
-        unet = UNet2DConditionModel.from_pretrained(
-            folder,
-            local_files_only=True,
-            use_safetensors=True,
-            torch_dtype=dtype,
-            variant=variant,
-            low_cpu_mem_usage=False,
-            output_loading_info=True,
-        )
-    except (OSError, ValueError, RuntimeError) as error:
-        raise _reject(f"the UNet weights do not match unet/config.json: {error}") from None
-    _check_loading_info(unet[1], "UNet", "unet/config.json")
-    return variant, headers, unet[0].eval()
+    unet = _load_diffusers_model(UNet2DConditionModel, folder, dtype, variant, "UNet", "unet/config.json")
+    return variant, headers, unet
 
 
 def _load_vae_folder(folder: Path, dtype: torch.dtype) -> torch.nn.Module:
@@ -352,8 +340,15 @@ def _load_vae_folder(folder: Path, dtype: torch.dtype) -> torch.nn.Module:
     if config.get("_class_name") != "AutoencoderKL":
         raise _reject(f"vae/config.json describes a {config.get('_class_name')!r}; Sealer reads an AutoencoderKL VAE")
     variant = _weights_variant(folder, "vae")
+    return _load_diffusers_model(AutoencoderKL, folder, dtype, variant, "VAE", "vae/config.json")
+
+
+def _load_diffusers_model(
+    model_class: Any, folder: Path, dtype: torch.dtype, variant: str | None, component: str, config_name: str
+) -> torch.nn.Module:
+    """Load a diffusers model from the safetensors in `folder`, and reject weights that do not match its config."""
     try:
-        vae = AutoencoderKL.from_pretrained(
+        model, loading_info = model_class.from_pretrained(
             folder,
             local_files_only=True,
             use_safetensors=True,
@@ -363,9 +358,9 @@ def _load_vae_folder(folder: Path, dtype: torch.dtype) -> torch.nn.Module:
             output_loading_info=True,
         )
     except (OSError, ValueError, RuntimeError) as error:
-        raise _reject(f"the VAE weights do not match vae/config.json: {error}") from None
-    _check_loading_info(vae[1], "VAE", "vae/config.json")
-    return vae[0].eval()
+        raise _reject(f"the {component} weights do not match {config_name}: {error}") from None
+    _check_loading_info(loading_info, component, config_name)
+    return model.eval()
 
 
 def _check_loading_info(loading_info: dict[str, Any], component: str, config_name: str) -> None:

@@ -14,7 +14,7 @@ import shutil
 import tempfile
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -85,6 +85,30 @@ def _as_chunks(source: BinaryIO | Iterable[bytes]) -> Iterator[bytes]:
     if hasattr(source, "read"):
         return _iter_file(source)  # type: ignore[arg-type]
     return iter(source)  # type: ignore[arg-type]
+
+
+def _download_to_file(key: str, path: Path | str, open_chunks: Callable[[], Iterable[bytes]]) -> StoredObject:
+    """Write the chunks of `open_chunks()` to `path` through a temporary file beside it, and hash them.
+
+    `open_chunks` runs once the temporary file is open, so the file is removed whether
+    opening the object or reading it fails.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256()
+    size = 0
+    tmp_path = path.with_name(f".{path.name}.{uuid.uuid4().hex}.part")
+    try:
+        with open(tmp_path, "wb") as out:
+            for chunk in open_chunks():
+                digest.update(chunk)
+                size += len(chunk)
+                out.write(chunk)
+        os.replace(tmp_path, path)
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+    return StoredObject(key, size, digest.hexdigest())
 
 
 class ObjectStore(ABC):
@@ -227,22 +251,7 @@ class LocalStore(ObjectStore):
         source = self.path_for(key)
         if not source.is_file():
             raise ObjectNotFound(key)
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        digest = hashlib.sha256()
-        size = 0
-        tmp_path = path.with_name(f".{path.name}.{uuid.uuid4().hex}.part")
-        try:
-            with open(source, "rb") as stream, open(tmp_path, "wb") as out:
-                for chunk in _iter_file(stream):
-                    digest.update(chunk)
-                    size += len(chunk)
-                    out.write(chunk)
-            os.replace(tmp_path, path)
-        except BaseException:
-            tmp_path.unlink(missing_ok=True)
-            raise
-        return StoredObject(key, size, digest.hexdigest())
+        return _download_to_file(key, path, lambda: self.stream(key))
 
     def stream(self, key, chunk_bytes=CHUNK_BYTES) -> Iterator[bytes]:
         source = self.path_for(key)
@@ -434,22 +443,7 @@ class S3Store(ObjectStore):
 
     def get_to_file(self, key, path) -> StoredObject:
         validate_key(key)
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        digest = hashlib.sha256()
-        size = 0
-        tmp_path = path.with_name(f".{path.name}.{uuid.uuid4().hex}.part")
-        try:
-            with open(tmp_path, "wb") as out:
-                for chunk in self.stream(key):
-                    digest.update(chunk)
-                    size += len(chunk)
-                    out.write(chunk)
-            os.replace(tmp_path, path)
-        except BaseException:
-            tmp_path.unlink(missing_ok=True)
-            raise
-        return StoredObject(key, size, digest.hexdigest())
+        return _download_to_file(key, path, lambda: self.stream(key))
 
     def stream(self, key, chunk_bytes=CHUNK_BYTES) -> Iterator[bytes]:
         validate_key(key)

@@ -1,6 +1,6 @@
 """Builders of bad uploads: pickles with a payload, damaged safetensors files, unsafe archives.
 
-Everything here is torch-free except `make_pipeline`, which uses tests.model_factory.
+Everything here is torch-free except `make_pipeline`, which uses tests.engine_models.
 Each builder writes one file and returns its path, so a test can upload it as it is.
 """
 
@@ -95,10 +95,10 @@ def past_end_bytes() -> bytes:
 
 
 def make_pipeline(folder: Path) -> Path:
-    """Save a tiny float16 diffusers pipeline (about 7 MB) with tests.model_factory."""
+    """Save a tiny float16 diffusers pipeline (about 7 MB) with tests.engine_models."""
     import torch
 
-    from tests.model_factory import make_tiny_pipeline_dir
+    from tests.engine_models import make_tiny_pipeline_dir
 
     return make_tiny_pipeline_dir(folder, dtype=torch.float16)
 

@@ -46,7 +46,7 @@ def stack(tmp_path, service_processes):
 
 @pytest.fixture
 def tiny_pipeline(tmp_path) -> Path:
-    from tests.model_factory import make_tiny_pipeline_dir
+    from tests.engine_models import make_tiny_pipeline_dir
 
     return make_tiny_pipeline_dir(tmp_path / "tiny-pipeline")
 

@@ -238,7 +238,7 @@ def _bytes(name: str, make: Callable[[], bytes]) -> Callable[[Inputs, str], Path
 
 def _swap_unet(inputs: Inputs, case: str, unet_kwargs: dict) -> Path:
     """Zip the pipeline with its UNet replaced by a real UNet of other shapes, saved with its own config."""
-    from tests.model_factory import make_tiny_unet
+    from tests.engine_models import make_tiny_unet
 
     folder = bad.copy_pipeline(inputs.pipeline, inputs.folder / f"pipeline-{case}")
     make_tiny_unet(**unet_kwargs).save_pretrained(folder / "unet")
@@ -247,7 +247,7 @@ def _swap_unet(inputs: Inputs, case: str, unet_kwargs: dict) -> Path:
 
 def _unet_weights_of_other_model(inputs: Inputs, case: str) -> Path:
     """Zip the pipeline with a latent-space UNet's weights under the pixel-space UNet's config."""
-    from tests.model_factory import make_tiny_unet
+    from tests.engine_models import make_tiny_unet
 
     folder = bad.copy_pipeline(inputs.pipeline, inputs.folder / f"pipeline-{case}")
     other = inputs.folder / f"other-unet-{case}"

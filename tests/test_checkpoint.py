@@ -15,7 +15,7 @@ from core.checkpoint import load_checkpoint, save_sanitized
 from core.errors import InputError, UnsupportedFormatError
 from core.formats import read_safetensors_file
 from core.settings import Settings
-from tests.model_factory import (
+from tests.engine_models import (
     make_single_file,
     make_tiny_pipeline_dir,
     make_tiny_unet,

@@ -17,7 +17,7 @@ import pytest
 from core.errors import InputError, UnsupportedFormatError
 from core.formats import inspect_upload, looks_like_pickle, safe_extract
 from core.settings import Settings
-from tests.model_factory import make_single_file, make_tiny_pipeline_dir, make_unet_file, tar_folder, zip_folder
+from tests.engine_models import make_single_file, make_tiny_pipeline_dir, make_unet_file, tar_folder, zip_folder
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
