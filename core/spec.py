@@ -8,6 +8,7 @@ into a silent default. This module must not import torch.
 import base64
 import binascii
 import io
+import math
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -18,6 +19,9 @@ MAX_PROMPT_CHARS = 300
 # Seeds reach torch.Generator.manual_seed (at most 2**64 - 1) after the engine mixes in
 # the step number, so they stay within 32 bits.
 MAX_SEED = 2**32 - 1
+MAX_LORA_RANK = 256
+# lora_alpha / lora_rank multiplies every adapter update, so a larger alpha is taken as a typo.
+MAX_LORA_ALPHA = 4096.0
 
 # The characters with the Unicode White_Space property. CLIP's tokenizer collapses and
 # strips them, so a trigger made only of them encodes to 0 tokens; tests check this set
@@ -176,6 +180,50 @@ class TrainingSpec(StrictModel):
     reference_model: str | None = Field(
         default=None, description="Clean reference UNet for `finetune-reversal` (a path the worker can read)."
     )
+    lora_rank: int = Field(
+        default=0,
+        description="Rank of the LoRA adapters trained on the student's attention projections, merged into "
+        f"the output weights; 0 trains every UNet weight. 1 to {MAX_LORA_RANK}.",
+        # `_check_lora_rank` enforces the bounds with a message that names the fix, and the schema shows them.
+        json_schema_extra={"minimum": 0, "maximum": MAX_LORA_RANK},
+    )
+    lora_alpha: float | None = Field(
+        default=None,
+        description="LoRA scale numerator: the adapters add (lora_alpha / lora_rank) * B A to each weight. "
+        "Default: lora_rank.",
+    )
+
+    @field_validator("lora_rank")
+    @classmethod
+    def _check_lora_rank(cls, rank: int) -> int:
+        if not 0 <= rank <= MAX_LORA_RANK:
+            raise ValueError(
+                f"training.lora_rank {rank} is outside 0..{MAX_LORA_RANK}; use 0 for full fine-tuning "
+                f"or a rank from 1 to {MAX_LORA_RANK} (4 to 64 is usual)"
+            )
+        return rank
+
+    @model_validator(mode="after")
+    def _check_lora_alpha(self) -> "TrainingSpec":
+        alpha = self.lora_alpha
+        if alpha is None:
+            return self
+        if self.lora_rank == 0:
+            raise ValueError(
+                "training.lora_alpha applies only to LoRA training, but training.lora_rank is 0; "
+                f"set lora_rank from 1 to {MAX_LORA_RANK} or remove lora_alpha"
+            )
+        if not (math.isfinite(alpha) and 0 < alpha <= MAX_LORA_ALPHA):
+            raise ValueError(
+                f"training.lora_alpha {alpha} is outside (0, {MAX_LORA_ALPHA:g}]; "
+                f"give a number above 0 and at most {MAX_LORA_ALPHA:g}, or omit it to use lora_rank (scale 1)"
+            )
+        return self
+
+    @property
+    def resolved_lora_alpha(self) -> float:
+        """LoRA alpha in effect: `lora_alpha`, or `lora_rank` when it is not set."""
+        return self.lora_alpha if self.lora_alpha is not None else float(self.lora_rank)
 
 
 class EvaluationSpec(StrictModel):

@@ -10,8 +10,11 @@ classifier-free guidance, which combines both, does not drift.
 
 Methods: `skd-cag` (all terms), `skd` (prediction and preservation terms only) and
 `finetune-reversal` (a clean reference UNet is the teacher, on the triggered prompt).
+With `training.lora_rank > 0`, any method trains LoRA adapters on the student's attention
+projections instead of every weight (see `core.engine.lora`).
 """
 
+import contextlib
 import copy
 import json
 import logging
@@ -28,6 +31,7 @@ from safetensors.torch import load_file, save_file
 from core.components import Components
 from core.engine.attention import AttentionStore, combine_maps, install_capture, reset_attention_processors
 from core.engine.ema import EMA
+from core.engine.lora import add_lora, merge_lora, merged_state_dict
 from core.engine.prompts import GENERIC_PROMPTS
 from core.engine.triggers import TokenAlignment, TriggeredPrompt, localize, place_trigger, trigger_token_ids
 from core.errors import InputError, JobCancelled
@@ -104,25 +108,31 @@ class Unlearner:
             self.training.gradient_checkpointing == "auto" and cuda
         )
 
-        # Student, teacher, their attention stores.
+        # Student, teacher, their attention stores. The teacher is copied before LoRA wraps the
+        # student, so it stays the frozen uploaded (or reference) UNet.
         components.text_encoder.to(self.device).requires_grad_(False).eval()
         self.student = components.unet.to(self.device)
-        self.student.requires_grad_(True).train()
-        if use_checkpointing:
-            self.student.enable_gradient_checkpointing()
         teacher_source = reference_unet if self.method == "finetune-reversal" else self.student
         if teacher_source is None:
             raise InputError("method `finetune-reversal` needs a clean reference UNet", field="training.reference_model")
         self.teacher = copy.deepcopy(teacher_source).to(self.device).requires_grad_(False).eval()
         if self.autocast_dtype is not None:
             self.teacher.to(self.autocast_dtype)
+        self.uses_lora = self.training.lora_rank > 0
+        if self.uses_lora:
+            add_lora(self.student, self.training.lora_rank, self.training.resolved_lora_alpha, spec.seed)
+        else:
+            self.student.requires_grad_(True)
+        self.student.train()
+        if use_checkpointing:
+            self.student.enable_gradient_checkpointing()
         self.student_store: AttentionStore | None = None
         self.teacher_store: AttentionStore | None = None
         if self.uses_attention:
             self.student_store = install_capture(self.student)
             self.teacher_store = install_capture(self.teacher)
 
-        # Optimizer and EMA.
+        # Optimizer and EMA, over the adapters only when LoRA is on.
         self.parameters = {name: param for name, param in self.student.named_parameters() if param.requires_grad}
         self.optimizer = torch.optim.AdamW(
             self.parameters.values(),
@@ -362,7 +372,14 @@ class Unlearner:
     # ----- outputs and state ------------------------------------------------------------
 
     def sanitized_state_dict(self) -> dict[str, torch.Tensor]:
-        """Return the output UNet weights: the EMA shadow when EMA is on, else the student's."""
+        """Return the output UNet weights: the EMA shadow when EMA is on, else the student's.
+
+        With LoRA, the adapters (EMA shadow or current) are merged into the base weights, so
+        the keys and shapes are those of the uploaded UNet.
+        """
+        if self.uses_lora:
+            with self._output_adapter_weights():
+                return merged_state_dict(self.student)
         weights = {name: tensor.detach().cpu().clone() for name, tensor in self.student.state_dict().items()}
         if self.ema is not None:
             for name, tensor in self.ema.shadow.items():
@@ -371,10 +388,37 @@ class Unlearner:
 
     def sanitized_unet(self) -> torch.nn.Module:
         """Return a frozen UNet with the output weights, with default attention processors."""
+        if self.uses_lora:
+            return self._merged_student().to(self.device)
         unet = copy.deepcopy(self.student).eval().requires_grad_(False)
         reset_attention_processors(unet)
         unet.load_state_dict(self.sanitized_state_dict(), strict=True)
         return unet.to(self.device)
+
+    def _merged_student(self) -> torch.nn.Module:
+        """Return a frozen copy of the LoRA student with the output adapter weights merged in."""
+        with self._output_adapter_weights():
+            unet = copy.deepcopy(self.student).eval().requires_grad_(False)
+        reset_attention_processors(unet)
+        merge_lora(unet)
+        return unet
+
+    @contextlib.contextmanager
+    def _output_adapter_weights(self):
+        """Put the EMA shadow into the student's trainable parameters inside the block, then restore them exactly."""
+        if self.ema is None:
+            yield
+            return
+        trained = {name: param.detach().clone() for name, param in self.parameters.items()}
+        with torch.no_grad():
+            for name, param in self.parameters.items():
+                param.copy_(self.ema.shadow[name].to(param.dtype))
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for name, param in self.parameters.items():
+                    param.copy_(trained[name])
 
     def save_state(self, state_dir: Path) -> None:
         """Write student, EMA and optimizer state as safetensors plus a JSON of the rest."""
@@ -396,6 +440,7 @@ class Unlearner:
             "method": self.method,
             "spec_seed": self.spec.seed,
             "ema_updates": self.ema.updates if self.ema is not None else 0,
+            "lora_rank": self.training.lora_rank,
         }
 
         # Write to temporary names, then rename, so a crash never leaves a half-written state.
@@ -412,6 +457,12 @@ class Unlearner:
             return False
         tensors = load_file(str(tensor_path), device="cpu")
         meta = json.loads(meta_path.read_text())
+        saved_rank = int(meta.get("lora_rank", 0))
+        if saved_rank != self.training.lora_rank:
+            raise ValueError(
+                f"the engine state in {state_dir} was saved with training.lora_rank {saved_rank}, but this run uses "
+                f"{self.training.lora_rank}; resume with the same spec or delete the saved state"
+            )
         with torch.no_grad():
             for name, param in self.parameters.items():
                 param.copy_(tensors[f"student/{name}"].to(param.dtype))
