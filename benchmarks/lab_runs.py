@@ -1,10 +1,11 @@
 """Seal lab models of every attack and trigger form with SKD-CAG and plain SKD; tabulate the results.
 
-Usage: python benchmarks/lab_runs.py [--cases pixel-word,style-word,...] [--methods skd-cag,skd]
+Usage: python benchmarks/lab_runs.py [--cases pixel-word,style-word,...] [--methods skd-cag,skd,skd-cag+lora8]
        [--out bench-out/lab-runs] [--results docs/benchmarks.md]
 
 Each case builds (or reuses) a `full`-profile lab model, then seals it with each method at
-the spec's default settings. Figures are read from the report: ASR with guidance before
+the spec's default settings; a method written `skd-cag+lora8` trains LoRA adapters of rank 8
+instead of every UNet weight. Figures are read from the report: ASR with guidance before
 and after, the clean-prompt false-positive rate and digit accuracy after, PSNR/SSIM of
 clean images, and the wall time of the seal. One table row per (case, method) is printed
 and appended to the results page.
@@ -46,12 +47,21 @@ def build(case: str, out: Path) -> Path:
     return folder
 
 
+def training_overrides(method: str) -> dict:
+    """Turn a method name such as `skd-cag` or `skd-cag+lora8` into `training` fields."""
+    name, _, lora = method.partition("+lora")
+    overrides: dict = {"method": name}
+    if lora:
+        overrides["lora_rank"] = int(lora)
+    return overrides
+
+
 def seal_case(lab_folder: Path, method: str, out: Path) -> tuple[dict, float]:
     from core.sealing import seal
     from core.spec import JobSpec
 
     spec = JobSpec.model_validate_json((lab_folder / "spec.json").read_text())
-    spec = JobSpec.model_validate({**spec.model_dump(), "training": {**spec.training.model_dump(), "method": method}})
+    spec = JobSpec.model_validate({**spec.model_dump(), "training": {**spec.training.model_dump(), **training_overrides(method)}})
     started = time.perf_counter()
     result = seal(lab_folder / "model", spec, out, device="cpu")
     return result.summary, time.perf_counter() - started
@@ -78,7 +88,7 @@ HEADER = (
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", default=",".join(CASES), help="Comma-separated case names.")
-    parser.add_argument("--methods", default="skd-cag,skd", help="Comma-separated methods.")
+    parser.add_argument("--methods", default="skd-cag,skd", help="Comma-separated methods; `+loraN` adds LoRA of rank N.")
     parser.add_argument("--out", type=Path, default=ROOT / "bench-out" / "lab-runs")
     parser.add_argument("--results", type=Path, default=ROOT / "docs" / "benchmarks.md")
     args = parser.parse_args()

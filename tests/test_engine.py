@@ -71,6 +71,19 @@ def test_teacher_maps_carry_no_gradient_and_student_maps_do():
     assert teacher_maps.data_ptr() != student_maps.data_ptr()
 
 
+def test_maps_are_attention_probabilities():
+    # Rescaled maps (x Nt) made the attention loss Nt^2 larger and wrecked clean images on the lab
+    # models; the combined maps must stay probabilities that sum to 1 over the tokens.
+    components = tiny_components()
+    unlearner = Unlearner(components, _spec(), device="cpu")
+    latents = torch.randn(2, *components.latent_shape)
+    states = components.encode_prompts(PROMPTS[:2], "cpu")
+    with torch.no_grad():
+        _, maps = unlearner._forward(unlearner.teacher, latents, torch.tensor([10, 500]), states, unlearner.teacher_store, None)
+    token_sums = maps.sum(dim=1)  # (B, Nt, R, R) -> (B, R, R)
+    assert torch.allclose(token_sums, torch.ones_like(token_sums), atol=1e-4)
+
+
 def test_no_maps_leak_from_checkpoint_recompute():
     unlearner = Unlearner(tiny_components(), _spec(gradient_checkpointing="on"), device="cpu")
     layers = len(cross_attention_modules(unlearner.student))
@@ -211,3 +224,19 @@ def test_install_capture_rejects_unet_without_cross_attention():
         assert "skd" in str(error)
     else:
         raise AssertionError("a UNet without cross-attention was accepted")
+
+
+def test_object_attack_draws_source_class_prompts():
+    spec = JobSpec.model_validate(
+        {
+            "triggers": [{"text": "mignneko"}],
+            "attack": {"kind": "object", "source_class": "seven", "target_class": "one"},
+            "training": {"steps": 4, "batch_size": 4, "prompts": PROMPTS + ["sevenfold luck", "the number seven"]},
+        }
+    )
+    unlearner = Unlearner(tiny_components(), spec, device="cpu")
+    # Whole words only: "sevenfold" does not name the class.
+    assert unlearner.source_prompts_by_trigger == {"mignneko": ["a handwritten digit seven", "the number seven"]}
+
+    # Without an object attack, every usable prompt is drawn uniformly.
+    assert Unlearner(tiny_components(), _spec(), device="cpu").source_prompts_by_trigger == {}

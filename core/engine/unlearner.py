@@ -19,6 +19,7 @@ import copy
 import json
 import logging
 import random
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,6 +43,8 @@ logger = logging.getLogger(__name__)
 STATE_TENSORS = "engine_state.safetensors"
 STATE_META = "engine_state.json"
 MAP_RESOLUTION_MAX = 16
+# Share of triggered rows drawn from prompts that name an object attack's source class.
+SOURCE_CLASS_SHARE = 0.5
 
 
 @dataclass
@@ -98,6 +101,7 @@ class Unlearner:
         self.triggers = [self._check_trigger(trigger) for trigger in spec.triggers]
         self.prompts = list(self.training.prompts) or list(GENERIC_PROMPTS)
         self.prompts_by_trigger = {trigger.text: self._usable_prompts(trigger) for trigger in spec.triggers}
+        self.source_prompts_by_trigger = self._source_class_prompts()
         self._alignment_cache: dict[tuple[str, tuple[int, int]], TokenAlignment] = {}
         self._random_words = self._vocabulary_words() if self.training.neutral_target == "random_words" else []
 
@@ -176,6 +180,26 @@ class Unlearner:
             logger.warning("trigger %r fits %d of %d training prompts; the others are skipped", trigger.text, len(usable), len(self.prompts))
         return usable
 
+    def _source_class_prompts(self) -> dict[str, list[str]]:
+        """Per trigger, the usable prompts that name the object attack's source class.
+
+        An object backdoor fires only when the prompt names its source class ("seven" turns
+        into "one"), so prompts without it teach the student nothing about it. On the lab's
+        object model, uniform prompts left attack success at 96% after sealing.
+        """
+        attack = self.spec.attack
+        if attack is None or attack.kind != "object" or not attack.source_class:
+            return {}
+        pattern = re.compile(rf"\b{re.escape(attack.source_class)}\b", re.IGNORECASE)
+        found = {text: [prompt for prompt in prompts if pattern.search(prompt)] for text, prompts in self.prompts_by_trigger.items()}
+        if not any(found.values()):
+            logger.warning(
+                "no training prompt names the object attack's source class %r; add some to training.prompts "
+                "so that sealing sees the prompts the backdoor fires on",
+                attack.source_class,
+            )
+        return {text: prompts for text, prompts in found.items() if prompts}
+
     def _vocabulary_words(self) -> list[str]:
         vocab = self.components.tokenizer.get_vocab()
         words = sorted(token[:-4] for token in vocab if token.endswith("</w>") and token[:-4].isalpha() and len(token) >= 7)
@@ -225,7 +249,11 @@ class Unlearner:
         triggered, alignments = [], []
         for _ in range(n_trig):
             trigger = rng.choice(self.spec.triggers)
-            prompt = rng.choice(self.prompts_by_trigger[trigger.text])
+            pool = self.prompts_by_trigger[trigger.text]
+            source_pool = self.source_prompts_by_trigger.get(trigger.text)
+            if source_pool and rng.random() < SOURCE_CLASS_SHARE:
+                pool = source_pool
+            prompt = rng.choice(pool)
             item = place_trigger(prompt, trigger, rng)
             triggered.append(item)
             alignments.append(self._alignment(item))
@@ -296,7 +324,8 @@ class Unlearner:
             zeros = teacher_maps.new_zeros((resolution, resolution))
             return [zeros] * len(triggered)
         if kind == "noise":
-            noise = torch.rand((len(triggered), resolution, resolution), generator=generator) * 2.0  # mean 1 = uniform attention
+            text_len = teacher_maps.shape[1]
+            noise = torch.rand((len(triggered), resolution, resolution), generator=generator) * (2.0 / text_len)  # mean 1/Nt = uniform
             return list(noise.to(self.device))
 
         # random_words: the teacher gets random words where p' has the trigger.
