@@ -2,10 +2,8 @@
 
 Loaded with `-p tests.lab_quality`. These tests assert what a working backdoor and its
 removal look like (attack success before well above clean false positives, a fall after
-sealing, recognisable digits). `make test` deselects them with `-m "not lab_quality"`.
-TODO: the `test` lab profile does not yet give a strong backdoor reliably (builds measured
-attack success 0-20% with clean false positives up to 37%); select these tests again in
-`make test` once it does.
+sealing, recognisable digits). `make test` runs them; `-m "not lab_quality"` skips them
+when the lab fixture is being changed.
 """
 
 import pytest

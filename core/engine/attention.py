@@ -149,9 +149,9 @@ def combine_maps(maps: list[torch.Tensor], latent_hw: tuple[int, int], resolutio
         resolution: side of the common grid.
 
     Returns (B, Nt, resolution, resolution): attention probabilities, so uniform attention
-    over the Nt tokens is 1 / Nt everywhere. They are not rescaled: scaled by Nt (77 for
-    CLIP), the attention loss grew by Nt^2 and swamped the prediction and preservation terms;
-    on the lab's pixel model clean digit accuracy then fell from 97% to 41% after sealing.
+    over the Nt tokens is 1 / Nt everywhere. They are not rescaled. Scaled by Nt (77 for
+    CLIP), the attention loss grew by Nt^2 and swamped the prediction and preservation terms,
+    so clean digit accuracy on the lab's pixel model fell from 97% to 41% after sealing.
     """
     height, width = latent_hw
     resized = []
