@@ -89,7 +89,7 @@ def main() -> int:
     report_path = next(results.rglob("report.json"))
     report = json.loads(report_path.read_text())
     print()
-    print(f"lab model: {lab.get('attack')} attack, trigger {lab.get('trigger')!r}")
+    print(f"lab model: {lab['attack']['kind']} attack, trigger {lab['trigger']['text']!r} ({lab['trigger']['placement']})")
     print(format_summary(report))
     print(f"samples.png: {report_path.parent / 'samples.png'}")
     print(f"report.html: {report_path.parent / 'report.html'}")
