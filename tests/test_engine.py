@@ -72,8 +72,8 @@ def test_teacher_maps_carry_no_gradient_and_student_maps_do():
 
 
 def test_maps_are_attention_probabilities():
-    # Rescaled maps (x Nt) made the attention loss Nt^2 larger and wrecked clean images on the lab
-    # models; the combined maps must stay probabilities that sum to 1 over the tokens.
+    # Maps rescaled by Nt made the attention loss Nt^2 larger, which wrecked clean images on the
+    # lab models. The combined maps must stay probabilities that sum to 1 over the tokens.
     components = tiny_components()
     unlearner = Unlearner(components, _spec(), device="cpu")
     latents = torch.randn(2, *components.latent_shape)
