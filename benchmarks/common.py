@@ -310,6 +310,11 @@ def command_line() -> str:
     return " ".join(["python", str(script), *sys.argv[1:]])
 
 
+def percent_cell(rate: float | None) -> str:
+    """Format a rate in [0, 1] as a whole percentage, or `n/a` when it is unknown."""
+    return "n/a" if rate is None else f"{100 * rate:.0f}%"
+
+
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]

@@ -23,6 +23,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import percent_cell  # noqa: E402
+
 CASES = {
     "pixel-word": ("pixel", "mignneko", "prefix"),
     "style-word": ("style", "mignneko", "prefix"),
@@ -31,10 +33,6 @@ CASES = {
     "pixel-homoglyph": ("pixel", "\u0435", "replace"),
     "pixel-two-words": ("pixel", "New Trigger", "prefix"),
 }
-
-
-def _percent(value) -> str:
-    return "n/a" if value is None else f"{100 * value:.0f}%"
 
 
 def build(case: str, out: Path) -> Path:
@@ -70,10 +68,10 @@ def seal_case(lab_folder: Path, method: str, out: Path) -> tuple[dict, float]:
 def table_row(case: str, method: str, report: dict, seconds: float) -> str:
     before, after, fidelity = report["before"], report["after"], report["clean_fidelity"]
     return (
-        f"| {case} | {method} | {_percent(before['attack_success_rate'])} | {_percent(after['attack_success_rate'])} "
-        f"| {_percent(after.get('attack_success_rate_unguided'))} "
-        f"| {_percent(before.get('clean_false_positive_rate'))} / {_percent(after.get('clean_false_positive_rate'))} "
-        f"| {_percent(before.get('clean_accuracy'))} / {_percent(after.get('clean_accuracy'))} "
+        f"| {case} | {method} | {percent_cell(before['attack_success_rate'])} | {percent_cell(after['attack_success_rate'])} "
+        f"| {percent_cell(after.get('attack_success_rate_unguided'))} "
+        f"| {percent_cell(before.get('clean_false_positive_rate'))} / {percent_cell(after.get('clean_false_positive_rate'))} "
+        f"| {percent_cell(before.get('clean_accuracy'))} / {percent_cell(after.get('clean_accuracy'))} "
         f"| {fidelity['psnr_db']:.1f} / {fidelity['ssim']:.3f} | {seconds:.0f} s |"
     )
 

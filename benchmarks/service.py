@@ -57,8 +57,8 @@ from reliability.load import (  # noqa: E402
     MIB,
     GeneratedCheckpoint,
     RssSampler,
-    _poll_at_rate,
-    _process_cpu_s,
+    poll_at_rate,
+    process_cpu_s,
     percentile,
 )
 from reliability.scenarios import scenario_stack  # noqa: E402
@@ -272,9 +272,9 @@ def measure_get_latency(servers: Servers, root: Path, rps: float, seconds: float
             wait_for_running(stack, client, job_ids[0])
 
         pid = stack.api.process.pid
-        cpu_before_s = _process_cpu_s(pid)
-        stats = asyncio.run(_poll_at_rate(stack.url, stack.api_key, job_ids, rps, seconds))
-        api_cpu_ms = (_process_cpu_s(pid) - cpu_before_s) * 1000
+        cpu_before_s = process_cpu_s(pid)
+        stats = asyncio.run(poll_at_rate(stack.url, stack.api_key, job_ids, rps, seconds))
+        api_cpu_ms = (process_cpu_s(pid) - cpu_before_s) * 1000
         cancel_and_wait(stack, job_ids)
 
     latencies = stats.latencies_ms

@@ -40,7 +40,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import DEFAULT_RESULTS, append_results, markdown_table, synchronize
+from benchmarks.common import DEFAULT_RESULTS, append_results, markdown_table, percent_cell, synchronize
 from core.spec import JobSpec, TrainingSpec
 
 logger = logging.getLogger(__name__)
@@ -359,8 +359,8 @@ def run_configuration(
             run.points.append(point)
             logger.info(
                 "%s, %s: %.1f s of training, step %d: attack success %s, clean false positives %s, clean accuracy %s%s",
-                lab.folder, run.name, point.training_s, point.steps, _percent(point.attack_success_rate),
-                _percent(point.clean_false_positive_rate), _percent(point.clean_accuracy), ", sealed" if point.sealed else "",
+                lab.folder, run.name, point.training_s, point.steps, percent_cell(point.attack_success_rate),
+                percent_cell(point.clean_false_positive_rate), percent_cell(point.clean_accuracy), ", sealed" if point.sealed else "",
             )
             if point.sealed:
                 run.stopped_by = "sealed"
@@ -380,14 +380,10 @@ def _schedule_done(unlearner, max_steps: int | None) -> bool:
 # ----- the report --------------------------------------------------------------------------
 
 
-def _percent(rate: float | None) -> str:
-    return "n/a" if rate is None else f"{100 * rate:.0f}%"
-
-
 def _accuracy_cell(accuracy: float | None, before: float | None) -> str:
     if accuracy is None or before is None:
-        return _percent(accuracy)
-    return f"{_percent(accuracy)} ({100 * (accuracy - before):+.0f})"
+        return percent_cell(accuracy)
+    return f"{percent_cell(accuracy)} ({100 * (accuracy - before):+.0f})"
 
 
 def points_table(runs: list[ConfigurationRun], accuracy_before: float | None) -> str:
@@ -400,7 +396,7 @@ def points_table(runs: list[ConfigurationRun], accuracy_before: float | None) ->
         for point in run.points:
             rows.append([
                 run.name, f"{point.target_s:g}", f"{point.training_s:.1f}", str(point.steps), str(point.samples),
-                _percent(point.attack_success_rate), _percent(point.clean_false_positive_rate),
+                percent_cell(point.attack_success_rate), percent_cell(point.clean_false_positive_rate),
                 _accuracy_cell(point.clean_accuracy, accuracy_before), f"{point.psnr_db:.1f}", "yes" if point.sealed else "no",
             ])
     return markdown_table(header, rows)
@@ -431,8 +427,8 @@ def lab_section(lab: Lab, eval_spec: JobSpec, before, runs: list[ConfigurationRu
         f"Evaluation at every point: {len(evaluation.prompts)} held-out prompts x {evaluation.images_per_prompt} images "
         f"({images} clean, {images * len(eval_spec.triggers)} triggered), guidance {before.guidance_scale:g}, "
         f"{evaluation.num_inference_steps} DDIM steps, seeds from {evaluation.seed}. "
-        f"Before training: ASR {_percent(before.attack_success_rate)}, clean false positives "
-        f"{_percent(before.clean_false_positive_rate)}, clean accuracy {_percent(before.clean_accuracy)} "
+        f"Before training: ASR {percent_cell(before.attack_success_rate)}, clean false positives "
+        f"{percent_cell(before.clean_false_positive_rate)}, clean accuracy {percent_cell(before.clean_accuracy)} "
         f"(evaluated in {before.seconds:.0f} s).",
     ]
     if len(runs) < 2:
@@ -464,7 +460,7 @@ def time_lab(lab: Lab, args: argparse.Namespace) -> str:
     eval_spec = evaluation_spec(lab.spec, images_per_prompt=args.images_per_prompt, inference_steps=args.inference_steps)
     classifier = load_classifier(eval_spec.evaluation.classifier)
     before = evaluate_before(lab, eval_spec, classifier, args.device)
-    logger.info("%s, before: attack success %s, clean accuracy %s", lab.folder, _percent(before.attack_success_rate), _percent(before.clean_accuracy))
+    logger.info("%s, before: attack success %s, clean accuracy %s", lab.folder, percent_cell(before.attack_success_rate), percent_cell(before.clean_accuracy))
     if is_sealed(before.attack_success_rate, before.clean_false_positive_rate, before.clean_accuracy, before.clean_accuracy):
         return lab_section(lab, eval_spec, before, [])
 

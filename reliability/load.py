@@ -54,7 +54,7 @@ class LatencyStats:
         self.error_kinds[kind] = self.error_kinds.get(kind, 0) + 1
 
 
-async def _poll_at_rate(url: str, api_key: str, job_ids: list[str], rate: float, duration_s: float) -> LatencyStats:
+async def poll_at_rate(url: str, api_key: str, job_ids: list[str], rate: float, duration_s: float) -> LatencyStats:
     """Send `rate` requests per second for `duration_s` seconds on an open-loop schedule.
 
     Latency counts from the scheduled send time, so a server or client that falls behind
@@ -116,15 +116,15 @@ def poll_job_latency(
             stack.start_worker(f"worker-{index}", step_seconds=0.05)
         job_ids = [stack.submit(100_000, seed=100 + index) for index in range(jobs)]
         wait_until(lambda: sum(stack.job(job_id)["state"] == "running" for job_id in job_ids) == workers, 60)
-        api_cpu_before = _process_cpu_s(stack.api.process.pid)
+        api_cpu_before = process_cpu_s(stack.api.process.pid)
 
         runs = []
         for rate in rates:
             seconds = duration_s if rate == rates[-1] else step_duration_s
-            stats = asyncio.run(_poll_at_rate(stack.url, stack.api_key, job_ids, rate, seconds))
+            stats = asyncio.run(poll_at_rate(stack.url, stack.api_key, job_ids, rate, seconds))
             runs.append(_summarize(rate, seconds, stats))
         requests = sum(run["requests"] for run in runs)
-        api_cpu_ms = (_process_cpu_s(stack.api.process.pid) - api_cpu_before) * 1000
+        api_cpu_ms = (process_cpu_s(stack.api.process.pid) - api_cpu_before) * 1000
 
         # An overloaded API works off its backlog of abandoned requests before it responds again.
         drained = wait_until(lambda: all(stack.job(job_id) is not None for job_id in job_ids[:3]), 180)
@@ -169,7 +169,7 @@ def _summarize(rate: float, seconds: float, stats: LatencyStats) -> dict:
     }
 
 
-def _process_cpu_s(pid: int) -> float:
+def process_cpu_s(pid: int) -> float:
     """User plus system CPU seconds that process `pid` has used."""
     with open(f"/proc/{pid}/stat") as stream:
         # The command name in field 2 may contain spaces; the counters follow its `)`.

@@ -194,8 +194,8 @@ class Unlearner:
         found = {text: [prompt for prompt in prompts if pattern.search(prompt)] for text, prompts in self.prompts_by_trigger.items()}
         if not any(found.values()):
             logger.warning(
-                "no training prompt names the object attack's source class %r; add some to training.prompts "
-                "so that sealing sees the prompts the backdoor fires on",
+                "no training prompt names the object attack's source class %r. Add some to training.prompts "
+                "so that sealing sees the prompts the backdoor fires on.",
                 attack.source_class,
             )
         return {text: prompts for text, prompts in found.items() if prompts}
