@@ -18,7 +18,7 @@ LORA_PARAMETER_MARKER = ".lora_"
 
 
 def add_lora(unet: torch.nn.Module, rank: int, alpha: float, seed: int) -> dict[str, torch.nn.Parameter]:
-    """Freeze `unet` and add LoRA adapters to its attention projections; return the adapter parameters.
+    """Freeze `unet`, add LoRA adapters to its attention projections and return the adapter parameters.
 
     B starts at zero, so the wrapped UNet computes exactly what the frozen one does. A is
     drawn from the CPU generator seeded with `seed`, so a run is reproducible and leaves the
@@ -28,11 +28,11 @@ def add_lora(unet: torch.nn.Module, rank: int, alpha: float, seed: int) -> dict[
         from peft import LoraConfig
     except ImportError as error:
         raise RuntimeError(
-            f"training.lora_rank {rank} needs the peft package, which failed to import ({error}); "
-            "install Sealer's engine extra (pip install 'sealer[engine]') or set training.lora_rank to 0"
+            f"training.lora_rank {rank} needs the peft package, which failed to import ({error}). "
+            "Install Sealer's engine extra (pip install 'sealer[engine]') or set training.lora_rank to 0"
         ) from None
 
-    # NOTE: only the CPU path has run; bfloat16 autocast with adapters on CUDA is untested.
+    # NOTE: only the CPU path has run. bfloat16 autocast with adapters on CUDA is untested.
     unet.requires_grad_(False)
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=LORA_TARGET_MODULES)
     with torch.random.fork_rng(devices=[]):
