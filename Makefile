@@ -31,7 +31,7 @@ demo: install
 bench: install
 	$(BIN)/python benchmarks/engine_step.py --models tiny,sd15scaled --batches 1,4,16 --steps 2 --warmup 1
 	$(BIN)/python benchmarks/scaling.py --sizes lab,sd15scaled,sd15 --batch-models lab,tiny --batches 1,4,16 --steps 1 --warmup 1 --full-budget 300
-	$(BIN)/python benchmarks/evaluation_cost.py --images 64 --seal-steps 50
+	$(BIN)/python benchmarks/evaluation_cost.py --images 64 --lab-build test
 	$(BIN)/python benchmarks/service.py --size-mb 1024 --jobs 5 --rps 100 --seconds 30
 
 bench-quick: install

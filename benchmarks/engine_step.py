@@ -42,7 +42,7 @@ GOAL_RATIO = 3.0
 PRECISIONS = {"fp32": "no", "bf16": "bf16"}
 
 
-def sealer_spec(*, batch: int, precision: str, checkpointing: str, preservation_weight: float, seed: int):
+def sealer_spec(*, batch: int, precision: str, checkpointing: str, preservation_weight: float, seed: int, ema_decay: float = 0.99):
     """Return the JobSpec of a benchmark run: one prefix trigger, SKD-CAG, the given batch and precision."""
     from core.spec import JobSpec
 
@@ -56,6 +56,7 @@ def sealer_spec(*, batch: int, precision: str, checkpointing: str, preservation_
                 "mixed_precision": PRECISIONS[precision],
                 "gradient_checkpointing": checkpointing,
                 "preservation_weight": preservation_weight,
+                "ema_decay": ema_decay,
                 "prompts": list(PROMPTS),
             },
         }
@@ -72,12 +73,15 @@ def measure_sealer(
     precision: str = "fp32",
     checkpointing: str = "auto",
     preservation_weight: float = 0.0,
+    ema_decay: float = 0.99,
     seed: int = 0,
 ) -> dict:
     """Time `Unlearner.step` on a model shape; return the figures of one table row."""
     from core.engine.unlearner import Unlearner
 
-    spec = sealer_spec(batch=batch, precision=precision, checkpointing=checkpointing, preservation_weight=preservation_weight, seed=seed)
+    spec = sealer_spec(
+        batch=batch, precision=precision, checkpointing=checkpointing, preservation_weight=preservation_weight, seed=seed, ema_decay=ema_decay
+    )
     components = build_components(model, seed=seed, device=device)
     unlearner = Unlearner(components, spec, device=device)
     timing = time_steps(unlearner.step, steps=steps, warmup=warmup, device=device)

@@ -10,6 +10,7 @@ on the lab's clean base when it is shipped (`core/lab/assets/clean-base` or
 guidance, after one untimed warm-up batch.
 
 Job share: `core.sealing.seal` on a lab build (the first one in the lab cache, or
+`--lab-build test`, which builds the `test`-profile pixel model when the cache lacks it, or
 `--lab-build PATH`) with the build's own spec, optionally cut to `--seal-steps` engine
 steps. The report's phase timings give the evaluation's share of the job. After a cut,
 the share at the spec's full step count is projected from the measured time per step.
@@ -85,10 +86,20 @@ def measure_sampling(components, *, images: int, inference_steps: int, batch_siz
     return rows
 
 
+# The build that `--lab-build test` makes or reuses: the test suite's lab fixture, so that a
+# machine that ran `make test` already has it in the lab cache.
+TEST_BUILD_OPTIONS = {"attack": "pixel", "trigger": "mignneko", "placement": "prefix", "seed": 0, "profile": "test"}
+
+
 def find_lab_build(choice: str) -> Path | None:
-    """Return the lab build to seal: `none` -> None, a path, or the first complete build in the lab cache."""
+    """Return the lab build to seal: `none` -> None, `test` -> the cached `test`-profile pixel build
+    (built first when missing), a path, or the first complete build in the lab cache."""
     if choice == "none":
         return None
+    if choice == "test":
+        from core.lab.build import BuildOptions, cached_build
+
+        return cached_build(BuildOptions(**TEST_BUILD_OPTIONS))
     if choice != "auto":
         folder = Path(choice)
         if not (folder / "spec.json").is_file() or not (folder / "model").is_dir():
@@ -166,7 +177,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--images", type=int, default=64, help="Images sampled per guidance scale.")
     parser.add_argument("--inference-steps", type=int, default=25, help="DDIM steps per image.")
     parser.add_argument("--batch-size", type=int, default=64, help="Images per sampling batch.")
-    parser.add_argument("--lab-build", default="auto", help="Lab build to seal: `auto` (first in the lab cache), a folder, or `none`.")
+    parser.add_argument(
+        "--lab-build",
+        default="auto",
+        help="Lab build to seal: `auto` (first in the lab cache), `test` (the `test`-profile pixel build, built when missing), a folder, or `none`.",
+    )
     parser.add_argument("--seal-steps", type=int, default=None, help="Engine steps of the seal (default: the build spec's).")
     parser.add_argument("--device", default="cpu", help="Torch device.")
     parser.add_argument("--results", type=Path, default=DEFAULT_RESULTS, help="Markdown page that the results block is appended to.")

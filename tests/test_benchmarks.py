@@ -180,6 +180,33 @@ def test_scaling_cli_skips_full_config(tmp_path):
     assert "- micro: t(B) =" in text
 
 
+def test_full_config_runs_without_ema_and_with_checkpointing(monkeypatch):
+    calls = []
+    monkeypatch.setattr(scaling, "measure", lambda model, batch, **kwargs: calls.append((model, kwargs)) or {"seconds_per_step": 1.0})
+    monkeypatch.setattr(scaling, "available_memory_bytes", lambda: 10**15)
+    args = scaling.build_parser().parse_args(["--full-budget", "1000000"])
+
+    skipped = scaling.run_sizes(["sd15"], {}, args)
+
+    assert skipped == {}
+    [(model, kwargs)] = calls
+    assert model == "sd15"
+    assert kwargs["ema_decay"] == 0.0
+    assert kwargs["checkpointing"] == "on"
+    assert (kwargs["steps"], kwargs["warmup"]) == (1, 1)
+
+
+def test_lab_build_test_is_the_test_suite_fixture(monkeypatch, tmp_path):
+    from core.lab import build
+    from tests.conftest_lab import LAB_FIXTURE_OPTIONS
+
+    requested = []
+    monkeypatch.setattr(build, "cached_build", lambda options: requested.append(options) or tmp_path)
+
+    assert evaluation_cost.find_lab_build("test") == tmp_path
+    assert requested == [build.BuildOptions(**LAB_FIXTURE_OPTIONS)]
+
+
 def test_job_shares_projection():
     seconds = {"validating": 1.0, "evaluating_before": 10.0, "unlearning": 4.0, "evaluating_after": 10.0, "writing": 1.0, "total": 26.0}
     shares = evaluation_cost.job_shares(seconds, steps_run=10, steps_full=100)
