@@ -57,6 +57,8 @@ def sealer_spec(*, batch: int, precision: str, checkpointing: str, preservation_
                 "gradient_checkpointing": checkpointing,
                 "preservation_weight": preservation_weight,
                 "ema_decay": ema_decay,
+                # Every UNet weight trains, as in the reference step, not the default LoRA adapters.
+                "lora_rank": 0,
                 "prompts": list(PROMPTS),
             },
         }

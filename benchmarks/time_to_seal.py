@@ -223,6 +223,9 @@ def settings_differences(sealer: TrainingSpec, paper: TrainingSpec) -> list[str]
     """Describe each training setting in which the two configurations differ, with the reason."""
     lines = []
     sealer_values, paper_values = sealer.model_dump(), paper.model_dump()
+    # Compare the learning rates in effect, not an unset field against a number.
+    sealer_values["learning_rate"] = sealer.resolved_learning_rate
+    paper_values["learning_rate"] = paper.resolved_learning_rate
     for name, sealer_value in sealer_values.items():
         paper_value = paper_values[name]
         if sealer_value == paper_value:
@@ -412,7 +415,7 @@ def summary_table(runs: list[ConfigurationRun]) -> str:
         last = run.points[-1]
         sealed = run.time_to_seal
         rows.append([
-            run.name, f"{run.training.learning_rate:g}", str(run.training.batch_size), f"{run.training.preservation_weight:g}",
+            run.name, f"{run.training.resolved_learning_rate:g}", str(run.training.batch_size), f"{run.training.preservation_weight:g}",
             f"{sealed:.1f}" if sealed is not None else f"not sealed in {run.training_s:.1f}",
             str(last.steps), str(last.samples), run.stopped_by, f"{run.budget_s:.0f}", f"{run.setup_s:.1f}", f"{run.evaluation_s:.0f}",
         ])

@@ -22,6 +22,12 @@ MAX_SEED = 2**32 - 1
 MAX_LORA_RANK = 256
 # lora_alpha / lora_rank multiplies every adapter update, so a larger alpha is taken as a typo.
 MAX_LORA_ALPHA = 4096.0
+# Default training: LoRA adapters of rank 4 at 3e-3. On the lab's style model they removed
+# the backdoor and kept clean accuracy, which full fine-tuning did not at any learning rate
+# tried (docs/benchmarks.md, "Lab sealing runs"). Full fine-tuning keeps its own default rate.
+DEFAULT_LORA_RANK = 4
+LORA_LEARNING_RATE = 3e-3
+FULL_LEARNING_RATE = 1e-4
 
 # The characters with the Unicode White_Space property. CLIP's tokenizer collapses and
 # strips them, so a trigger made only of them encodes to 0 tokens; tests check this set
@@ -159,7 +165,13 @@ class TrainingSpec(StrictModel):
     method: Method = "skd-cag"
     steps: int = Field(default=150, ge=1, le=100_000)
     batch_size: int = Field(default=16, ge=1, le=256)
-    learning_rate: float = Field(default=1e-4, gt=0, le=1e-2)
+    learning_rate: float | None = Field(
+        default=None,
+        gt=0,
+        le=1e-2,
+        description=f"AdamW learning rate. Default: {LORA_LEARNING_RATE:g} with LoRA adapters (lora_rank above 0), "
+        f"{FULL_LEARNING_RATE:g} when every UNet weight trains (lora_rank 0).",
+    )
     adam_beta1: float = Field(default=0.9, ge=0, lt=1)
     adam_beta2: float = Field(default=0.999, ge=0, lt=1)
     weight_decay: float = Field(default=0.01, ge=0, le=1)
@@ -181,9 +193,9 @@ class TrainingSpec(StrictModel):
         default=None, description="Clean reference UNet for `finetune-reversal` (a path the worker can read)."
     )
     lora_rank: int = Field(
-        default=0,
+        default=DEFAULT_LORA_RANK,
         description="Rank of the LoRA adapters trained on the student's attention projections, merged into "
-        f"the output weights; 0 trains every UNet weight. 1 to {MAX_LORA_RANK}.",
+        f"the output weights; 0 trains every UNet weight. 0 to {MAX_LORA_RANK}.",
         # `_check_lora_rank` enforces the bounds with a message that names the fix, and the schema shows them.
         json_schema_extra={"minimum": 0, "maximum": MAX_LORA_RANK},
     )
@@ -219,6 +231,13 @@ class TrainingSpec(StrictModel):
                 f"give a number above 0 and at most {MAX_LORA_ALPHA:g}, or omit it to use lora_rank (scale 1)"
             )
         return self
+
+    @property
+    def resolved_learning_rate(self) -> float:
+        """Learning rate in effect: `learning_rate`, or the default for LoRA or full fine-tuning."""
+        if self.learning_rate is not None:
+            return self.learning_rate
+        return LORA_LEARNING_RATE if self.lora_rank > 0 else FULL_LEARNING_RATE
 
     @property
     def resolved_lora_alpha(self) -> float:

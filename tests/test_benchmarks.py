@@ -350,7 +350,8 @@ def test_settings_differences_name_reasons():
     spec = _lab_spec()
     lines = time_to_seal.settings_differences(spec.training, time_to_seal.paper_spec(spec).training)
     text = "\n".join(lines)
-    assert "`learning_rate`: Sealer 0.0001, paper 1e-06" in text
+    assert "`learning_rate`: Sealer 0.003, paper 1e-06" in text
+    assert "`lora_rank`: Sealer 4, paper 0" in text
     assert "`batch_size`: Sealer 16, paper 1" in text
     assert "`prompts`: Sealer 90 prompts, paper 100 prompts (90 distinct)" in text
     assert "`preservation_weight`" in text
@@ -437,10 +438,10 @@ def test_time_to_seal_cli_on_tiny_labs(tmp_path):
     never_section, clean_section = text.split("#### ")[1:]
     assert never_section.startswith(str(never))
     assert "Before training: ASR 100%" in never_section
-    assert "| sealer | 0.0001 | 2 | 1 | not sealed in " in never_section
+    assert "| sealer | 0.003 | 2 | 1 | not sealed in " in never_section
     assert "| paper | 1e-06 | 1 | 0 | not sealed in " in never_section
     assert "Goal (at least 5x faster): not met." in never_section
-    assert "`learning_rate`: Sealer 0.0001, paper 1e-06" in never_section
+    assert "`learning_rate`: Sealer 0.003, paper 1e-06" in never_section
     paper_rows = [line for line in never_section.splitlines() if line.startswith("| paper | ") and "| no |" in line]
     assert paper_rows
     assert all(int(row.split(" | ")[3]) <= 1 for row in paper_rows)

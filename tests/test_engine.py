@@ -12,7 +12,8 @@ PROMPTS = ["a handwritten digit seven", "a photo of a dog", "a red car on a stre
 
 
 def _spec(**training):
-    settings = {"steps": 4, "batch_size": 4, "prompts": PROMPTS, **training}
+    # These tests check full fine-tuning, where every UNet weight trains (tests/test_lora.py covers the adapters).
+    settings = {"steps": 4, "batch_size": 4, "prompts": PROMPTS, "lora_rank": 0, **training}
     return JobSpec.model_validate({"triggers": [{"text": "mignneko"}], "training": settings})
 
 
@@ -237,6 +238,10 @@ def test_object_attack_draws_source_class_prompts():
     unlearner = Unlearner(tiny_components(), spec, device="cpu")
     # Whole words only: "sevenfold" does not name the class.
     assert unlearner.source_prompts_by_trigger == {"mignneko": ["a handwritten digit seven", "the number seven"]}
+    # Clean rows draw from the same source-class prompts, without the trigger.
+    assert unlearner.clean_source_prompts == ["a handwritten digit seven", "the number seven"]
 
     # Without an object attack, every usable prompt is drawn uniformly.
-    assert Unlearner(tiny_components(), _spec(), device="cpu").source_prompts_by_trigger == {}
+    plain = Unlearner(tiny_components(), _spec(), device="cpu")
+    assert plain.source_prompts_by_trigger == {}
+    assert plain.clean_source_prompts == []

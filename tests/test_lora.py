@@ -249,12 +249,30 @@ def _training_error(**training) -> str:
 
 def test_spec_lora_defaults():
     training = JobSpec.model_validate({"triggers": [{"text": "mignneko"}]}).training
-    assert training.lora_rank == 0
+    assert training.lora_rank == 4
     assert training.lora_alpha is None
+    assert training.resolved_lora_alpha == 4.0
     lora = JobSpec.model_validate({"triggers": [{"text": "a"}], "training": {"lora_rank": 16}}).training
     assert lora.resolved_lora_alpha == 16.0
     scaled = JobSpec.model_validate({"triggers": [{"text": "a"}], "training": {"lora_rank": 16, "lora_alpha": 32}}).training
     assert scaled.resolved_lora_alpha == 32.0
+
+
+def test_learning_rate_default_follows_lora_rank():
+    def training(**fields):
+        return JobSpec.model_validate({"triggers": [{"text": "a"}], "training": fields}).training
+
+    assert training().learning_rate is None
+    assert training().resolved_learning_rate == 3e-3
+    assert training(lora_rank=0).resolved_learning_rate == 1e-4
+    assert training(lora_rank=0, learning_rate=2e-5).resolved_learning_rate == 2e-5
+    assert training(lora_rank=4, learning_rate=5e-4).resolved_learning_rate == 5e-4
+
+
+def test_unlearner_uses_the_resolved_learning_rate():
+    for fields, expected in (({}, 3e-3), ({"lora_rank": 0}, 1e-4), ({"learning_rate": 7e-4}, 7e-4)):
+        unlearner = Unlearner(tiny_components(), _spec(**fields), device="cpu")
+        assert unlearner.optimizer.param_groups[0]["lr"] == expected
 
 
 @pytest.mark.parametrize("rank", [-1, 257, 4096])
@@ -270,7 +288,7 @@ def test_spec_rejects_fractional_lora_rank():
 
 
 def test_spec_rejects_lora_alpha_without_rank():
-    message = _training_error(lora_alpha=8)
+    message = _training_error(lora_rank=0, lora_alpha=8)
     assert "training.lora_alpha applies only to LoRA training" in message
     assert "set lora_rank from 1 to 256 or remove lora_alpha" in message
 

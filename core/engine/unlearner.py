@@ -43,7 +43,8 @@ logger = logging.getLogger(__name__)
 STATE_TENSORS = "engine_state.safetensors"
 STATE_META = "engine_state.json"
 MAP_RESOLUTION_MAX = 16
-# Share of triggered rows drawn from prompts that name an object attack's source class.
+# Share of triggered rows, and of clean rows, drawn from prompts that name an object attack's
+# source class.
 SOURCE_CLASS_SHARE = 0.5
 
 
@@ -102,6 +103,9 @@ class Unlearner:
         self.prompts = list(self.training.prompts) or list(GENERIC_PROMPTS)
         self.prompts_by_trigger = {trigger.text: self._usable_prompts(trigger) for trigger in spec.triggers}
         self.source_prompts_by_trigger = self._source_class_prompts()
+        # Clean rows draw the same share of source-class prompts, without the trigger, so that
+        # sealing keeps what those prompts drew before (an object attack's source class).
+        self.clean_source_prompts = list(dict.fromkeys(prompt for pool in self.source_prompts_by_trigger.values() for prompt in pool))
         self._alignment_cache: dict[tuple[str, tuple[int, int]], TokenAlignment] = {}
         self._random_words = self._vocabulary_words() if self.training.neutral_target == "random_words" else []
 
@@ -140,7 +144,7 @@ class Unlearner:
         self.parameters = {name: param for name, param in self.student.named_parameters() if param.requires_grad}
         self.optimizer = torch.optim.AdamW(
             self.parameters.values(),
-            lr=self.training.learning_rate,
+            lr=self.training.resolved_learning_rate,
             betas=(self.training.adam_beta1, self.training.adam_beta2),
             weight_decay=self.training.weight_decay,
             fused=cuda,
@@ -257,7 +261,12 @@ class Unlearner:
             item = place_trigger(prompt, trigger, rng)
             triggered.append(item)
             alignments.append(self._alignment(item))
-        clean_rows = [rng.choice(self.prompts) for _ in range(n_clean)]
+        clean_rows = []
+        for _ in range(n_clean):
+            pool = self.prompts
+            if self.clean_source_prompts and rng.random() < SOURCE_CLASS_SHARE:
+                pool = self.clean_source_prompts
+            clean_rows.append(rng.choice(pool))
         teacher_prompts = [item.clean for item in triggered] + clean_rows
         student_prompts = [item.text for item in triggered] + clean_rows
         if self.method == "finetune-reversal":
