@@ -92,8 +92,11 @@ TEST_BUILD_OPTIONS = {"attack": "pixel", "trigger": "mignneko", "placement": "pr
 
 
 def find_lab_build(choice: str) -> Path | None:
-    """Return the lab build to seal: `none` -> None, `test` -> the cached `test`-profile pixel build
-    (built first when missing), a path, or the first complete build in the lab cache."""
+    """Return the lab build to seal for `choice`, or None for `none`.
+
+    `test` gives the cached `test`-profile pixel build (built first when missing), `auto` the
+    first complete build in the lab cache, and any other value is a build folder.
+    """
     if choice == "none":
         return None
     if choice == "test":

@@ -269,7 +269,7 @@ def test_learning_rate_default_follows_lora_rank():
     assert training(lora_rank=4, learning_rate=5e-4).resolved_learning_rate == 5e-4
 
 
-def test_unlearner_uses_the_resolved_learning_rate():
+def test_unlearner_resolved_learning_rate():
     for fields, expected in (({}, 3e-3), ({"lora_rank": 0}, 1e-4), ({"learning_rate": 7e-4}, 7e-4)):
         unlearner = Unlearner(tiny_components(), _spec(**fields), device="cpu")
         assert unlearner.optimizer.param_groups[0]["lr"] == expected

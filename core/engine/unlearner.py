@@ -104,7 +104,7 @@ class Unlearner:
         self.prompts_by_trigger = {trigger.text: self._usable_prompts(trigger) for trigger in spec.triggers}
         self.source_prompts_by_trigger = self._source_class_prompts()
         # Clean rows draw the same share of source-class prompts, without the trigger, so that
-        # sealing keeps what those prompts drew before (an object attack's source class).
+        # those prompts also learn to keep drawing what they drew before sealing.
         self.clean_source_prompts = list(dict.fromkeys(prompt for pool in self.source_prompts_by_trigger.values() for prompt in pool))
         self._alignment_cache: dict[tuple[str, tuple[int, int]], TokenAlignment] = {}
         self._random_words = self._vocabulary_words() if self.training.neutral_target == "random_words" else []
