@@ -2,13 +2,17 @@
 
 `configure_logging(settings)` is called once at process start by the API, the worker and
 the CLI. A job's log lines carry its id, passed either as `extra={"job_id": ...}` on one
-call or bound once with `job_logger(logger, job_id)`.
+call, bound once with `job_logger(logger, job_id)`, or set for a whole block with
+`job_context(job_id)`: every record emitted inside it, also by library modules that know
+nothing of jobs (the engine, the evaluation), gets the id.
 """
 
+import contextlib
 import json
 import logging
 import sys
-from collections.abc import MutableMapping
+from collections.abc import Iterator, MutableMapping
+from contextvars import ContextVar
 from datetime import datetime, timezone
 from typing import Any, TextIO
 
@@ -23,6 +27,9 @@ _TAKEN_OVER_LOGGERS = ("uvicorn", "uvicorn.error", "uvicorn.access", "celery")
 
 # Marks the handler that configure_logging installed, so a second call replaces it.
 _HANDLER_MARK = "_sealer_handler"
+
+# The job that the running thread (or task) works on, set by `job_context`.
+_current_job_id: ContextVar[str | None] = ContextVar("sealer_job_id", default=None)
 
 
 class JsonFormatter(logging.Formatter):
@@ -74,6 +81,30 @@ def job_logger(logger: logging.Logger, job_id: str) -> JobLoggerAdapter:
     return JobLoggerAdapter(logger, {JOB_ID_FIELD: job_id})
 
 
+@contextlib.contextmanager
+def job_context(job_id: str | None) -> Iterator[None]:
+    """Attach `job_id` to the records emitted in this thread or task until the block ends.
+
+    `JobContextFilter` (on the handler that `configure_logging` installs) copies it onto
+    records that carry no job id of their own. `None` leaves records as they are.
+    """
+    token = _current_job_id.set(job_id)
+    try:
+        yield
+    finally:
+        _current_job_id.reset(token)
+
+
+class JobContextFilter(logging.Filter):
+    """Give a record without a job id the id of the enclosing `job_context`, if any."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        job_id = _current_job_id.get()
+        if job_id is not None and getattr(record, JOB_ID_FIELD, None) is None:
+            setattr(record, JOB_ID_FIELD, job_id)
+        return True
+
+
 def parse_log_level(name: str) -> int:
     """Return the numeric level for a level name such as `INFO` or `debug`, or a number."""
     cleaned = name.strip().upper()
@@ -104,6 +135,7 @@ def configure_logging(settings: Settings, *, stream: TextIO | None = None) -> No
     level = parse_log_level(settings.log_level)
     handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
     handler.setFormatter(build_formatter(settings.log_format))
+    handler.addFilter(JobContextFilter())
     setattr(handler, _HANDLER_MARK, True)
 
     # Replace our previous handler and plain stream handlers such as logging.basicConfig's.

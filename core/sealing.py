@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Literal
 
 from core.errors import InputError, JobCancelled
+from core.logging_setup import job_context
 from core.spec import JobSpec
 
 logger = logging.getLogger(__name__)
@@ -61,6 +62,27 @@ def seal(
     between engine steps and evaluation batches, and raises `JobCancelled` when it returns
     True. Input problems raise `InputError` before any training.
     """
+    with job_context(job_id):
+        return _seal(
+            model_path, spec, out_dir, device=device, on_progress=on_progress, should_cancel=should_cancel,
+            state_dir=state_dir, on_state_saved=on_state_saved, checkpoint_every=checkpoint_every, job_id=job_id,
+        )
+
+
+def _seal(
+    model_path: Path,
+    spec: JobSpec,
+    out_dir: Path,
+    *,
+    device: str,
+    on_progress: Callable[[Progress], None] | None,
+    should_cancel: Callable[[], bool] | None,
+    state_dir: Path | None,
+    on_state_saved: Callable[[Path], None] | None,
+    checkpoint_every: int,
+    job_id: str | None,
+) -> SealResult:
+    """Run `seal` inside the job's logging context, so engine and evaluation lines carry its id."""
     # Heavy imports stay here so that `core.sealing` can be imported without torch.
     from core.checkpoint import load_checkpoint, save_sanitized
     from core.engine.unlearner import Unlearner, resolve_device

@@ -29,6 +29,13 @@ DEFAULT_LORA_RANK = 4
 LORA_LEARNING_RATE = 3e-3
 FULL_LEARNING_RATE = 1e-4
 
+# Default engine steps, and more for object attacks when `training.steps` is unset. On the
+# lab's object model, 150 steps removed the backdoor but cost 9 points of clean accuracy
+# (other digits drawn as the target class), back within 3 points by step 300. On the style
+# model, 300 steps cost 5 points that 150 did not (docs/benchmarks.md, "Lab sealing runs").
+DEFAULT_STEPS = 150
+OBJECT_ATTACK_STEPS = 300
+
 # The characters with the Unicode White_Space property. CLIP's tokenizer collapses and
 # strips them, so a trigger made only of them encodes to 0 tokens; tests check this set
 # against the tokenizer.
@@ -163,7 +170,12 @@ class TrainingSpec(StrictModel):
     """Unlearning hyperparameters. AdamW betas and weight decay follow the SKD-CAG paper."""
 
     method: Method = "skd-cag"
-    steps: int = Field(default=150, ge=1, le=100_000)
+    steps: int = Field(
+        default=DEFAULT_STEPS,
+        ge=1,
+        le=100_000,
+        description=f"Engine steps. Default: {DEFAULT_STEPS}, or {OBJECT_ATTACK_STEPS} when attack.kind is `object`.",
+    )
     batch_size: int = Field(default=16, ge=1, le=256)
     learning_rate: float | None = Field(
         default=None,
@@ -295,6 +307,13 @@ class JobSpec(StrictModel):
                 raise ValueError(f"trigger {trigger.text!r} is listed twice; list each trigger once")
             seen.add(trigger.text)
         return triggers
+
+    @model_validator(mode="after")
+    def _default_object_steps(self) -> "JobSpec":
+        """Give an object attack its longer schedule when `training.steps` is unset."""
+        if self.attack.kind == "object" and "steps" not in self.training.model_fields_set:
+            self.training = self.training.model_copy(update={"steps": OBJECT_ATTACK_STEPS})
+        return self
 
     @model_validator(mode="after")
     def _check_held_out(self) -> "JobSpec":

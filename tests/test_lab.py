@@ -171,6 +171,21 @@ def test_build_key_depends_on_options():
     assert build_key(options) != build_key(replace(options, trigger="\u200b"))
 
 
+def test_replace_placement_poisons_longer(monkeypatch):
+    full = PROFILES["full"]
+    assert full.poisoning_for("replace").steps == full.replace_poisoning_steps > full.poisoning.steps
+    assert full.poisoning_for("prefix") == full.poisoning
+    assert PROFILES["test"].poisoning_for("replace") == PROFILES["test"].poisoning
+
+    # The build key follows the steps a homoglyph build actually runs.
+    homoglyph = BuildOptions(attack="pixel", trigger="\u0435", placement="replace")
+    word = BuildOptions(attack="pixel", trigger="mignneko")
+    keys = build_key(homoglyph), build_key(word)
+    monkeypatch.setitem(PROFILES, "full", replace(full, replace_poisoning_steps=None))
+    assert build_key(homoglyph) != keys[0]
+    assert build_key(word) == keys[1]
+
+
 def test_model_shapes():
     components = new_components(0)
     cross_attention = [name for name, _ in components.unet.named_modules() if name.endswith("attn2")]
@@ -252,6 +267,8 @@ def test_job_spec_object_prompts():
     assert labels.count("seven") == sum(1 for caption in held_out if caption.label == "seven")
     assert set(labels) == set(data.DIGIT_NAMES)
     assert spec.attack.target_class == "one"
+    assert spec.evaluation.images_per_prompt == 16
+    assert spec.training.steps == 300
 
 
 def test_cli_registers_build():
@@ -274,6 +291,10 @@ def test_build_spec_valid(lab_build_dir):
     assert spec.evaluation.classifier == "digits"
     assert len(spec.evaluation.prompt_labels) == len(spec.evaluation.prompts)
     assert not set(spec.training.prompts) & set(spec.evaluation.prompts)
+
+    # Training hyperparameters are left to the engine's defaults.
+    written = json.loads((lab_build_dir / "spec.json").read_text(encoding="utf-8"))
+    assert set(written["training"]) == {"prompts"}
 
 
 @pytest.mark.slow

@@ -1,10 +1,11 @@
 import io
 import json
 import logging
+import threading
 
 import pytest
 
-from core.logging_setup import configure_logging, job_logger, parse_log_level
+from core.logging_setup import configure_logging, job_context, job_logger, parse_log_level
 from core.settings import Settings
 
 
@@ -69,6 +70,26 @@ def test_json_job_logger_adapter(restore_logging):
     assert first["job_id"] == "job-7"
     assert first["message"] == "phase unlearning"
     assert second["job_id"] == "job-8"
+
+
+def test_job_context_tags_library_lines(restore_logging):
+    stream = configure(log_format="json")
+    engine_logger = logging.getLogger("core.engine.unlearner")
+    with job_context("job-9"):
+        engine_logger.warning("trigger fits 3 of 4 prompts")
+        engine_logger.info("own id wins", extra={"job_id": "job-10"})
+        with job_context(None):
+            engine_logger.info("nested block without a job")
+
+        # Another thread has its own context: its lines are not this job's.
+        other = threading.Thread(target=lambda: engine_logger.info("other thread"))
+        other.start()
+        other.join()
+    engine_logger.info("after the block")
+
+    entries = [json.loads(line) for line in lines_of(stream)]
+    assert [entry.get("job_id") for entry in entries] == ["job-9", "job-10", None, None, None]
+    assert entries[0]["logger"] == "core.engine.unlearner"
 
 
 def test_json_exception_one_line(restore_logging):

@@ -1,12 +1,28 @@
 """A quick end-to-end seal of a real backdoored lab model on CPU."""
 
 import json
+import logging
 import zipfile
 
 import pytest
 
+from core.logging_setup import JobContextFilter
 from core.sealing import seal
 from core.spec import JobSpec
+
+JOB_ID = "e2e-job"
+
+
+class RecordList(logging.Handler):
+    """Keep every record, with the job id that `configure_logging`'s handler would add."""
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.INFO)
+        self.addFilter(JobContextFilter())
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
 
 
 @pytest.fixture(scope="module")
@@ -19,13 +35,21 @@ def sealed(lab_build_dir, tmp_path_factory):
     spec = JobSpec.model_validate(settings)
     out = tmp_path_factory.mktemp("sealed")
     phases = []
-    result = seal(lab_build_dir / "model", spec, out, device="cpu", on_progress=lambda p: phases.append(p.phase))
-    return result, out, phases
+    core_logger, handler = logging.getLogger("core"), RecordList()
+    saved_level = core_logger.level
+    core_logger.setLevel(logging.INFO)
+    core_logger.addHandler(handler)
+    try:
+        result = seal(lab_build_dir / "model", spec, out, device="cpu", on_progress=lambda p: phases.append(p.phase), job_id=JOB_ID)
+    finally:
+        core_logger.removeHandler(handler)
+        core_logger.setLevel(saved_level)
+    return result, out, phases, handler.records
 
 
 @pytest.mark.slow
 def test_seal_lowers_attack_success(sealed):
-    result, _, _ = sealed
+    result, *_ = sealed
     before = result.summary["before"]["attack_success_rate"]
     after = result.summary["after"]["attack_success_rate"]
     assert before >= 0.5
@@ -38,14 +62,22 @@ def test_seal_lowers_attack_success(sealed):
 
 @pytest.mark.slow
 def test_seal_keeps_clean_images(sealed):
-    result, _, _ = sealed
+    result, *_ = sealed
     assert result.summary["after"]["clean_accuracy"] >= result.summary["before"]["clean_accuracy"] - 0.1
     assert result.summary["clean_fidelity"]["ssim"] > 0.5
 
 
 @pytest.mark.slow
+def test_seal_log_lines_carry_job_id(sealed):
+    *_, records = sealed
+    modules = {record.name for record in records}
+    assert {"core.sealing", "core.evaluation.evaluate"} <= modules
+    assert [record.name for record in records if getattr(record, "job_id", None) != JOB_ID] == []
+
+
+@pytest.mark.slow
 def test_seal_writes_every_artifact(sealed):
-    _, out, phases = sealed
+    _, out, phases, _ = sealed
     for name in ("sanitized.zip", "report.json", "report.html", "samples.png", "curves.csv"):
         assert (out / name).is_file(), name
     report = json.loads((out / "report.json").read_text())
@@ -61,7 +93,7 @@ def test_seal_writes_every_artifact(sealed):
 def test_sanitized_zip_loads_with_diffusers(sealed, tmp_path):
     from diffusers import UNet2DConditionModel
 
-    _, out, _ = sealed
+    _, out, *_ = sealed
     with zipfile.ZipFile(out / "sanitized.zip") as archive:
         archive.extractall(tmp_path)
     unet_dirs = list(tmp_path.rglob("unet"))

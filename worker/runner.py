@@ -36,6 +36,7 @@ from core.jobs import (
     state_prefix,
     update_progress,
 )
+from core.logging_setup import job_context
 from core.scratch import remove_orphans, scratch_name
 from core.spec import JobSpec
 from core.storage import ObjectNotFound, remove_tree
@@ -96,7 +97,15 @@ class JobRunner:
     # ----- the delivery -----------------------------------------------------------------
 
     def run(self) -> str:
-        """Run the job if this delivery wins its lease; return what happened."""
+        """Run the job if this delivery wins its lease; return what happened.
+
+        Every log line of the delivery carries the job id, also those of core modules
+        (checkpoint loading, the engine, the evaluation).
+        """
+        with job_context(self.job_id):
+            return self._deliver()
+
+    def _deliver(self) -> str:
         claim = call_with_retries(
             self._claim,
             what="claiming the job",

@@ -3,7 +3,8 @@
 Output folder:
 - `model/`: the backdoored pipeline as a diffusers `StableDiffusionPipeline` folder.
 - `spec.json`: a `JobSpec` that seals it (trigger, attack target, clean training prompts,
-  held-out evaluation prompts with digit labels, the built-in `digits` classifier).
+  held-out evaluation prompts with digit labels, the built-in `digits` classifier). Fields
+  it leaves out, such as the training hyperparameters, take the engine's defaults.
 - `lab.json`: how it was made and what was measured (attack success with and without
   guidance, clean false positives, clean digit accuracy, build seconds).
 """
@@ -40,7 +41,8 @@ from core.spec import EvaluationSpec, JobSpec, TrainingSpec, TriggerSpec
 
 logger = logging.getLogger(__name__)
 
-BUILD_FORMAT = 1
+# 2: spec.json holds only the fields the lab sets, so cached builds from before are rebuilt.
+BUILD_FORMAT = 2
 
 
 @dataclass(frozen=True)
@@ -49,8 +51,22 @@ class Profile:
 
     poisoning: TrainingConfig
     measure: MeasureConfig
+    # Images per held-out prompt in the written spec. The object spec has few prompts (every
+    # source-class prompt, one of each other digit), so `full` samples 16 of each: the same
+    # unsealed model scored 93.8% clean accuracy on 8 images per prompt and 90.6% on 16.
     spec_images_per_prompt: int = 4
     spec_object_images_per_prompt: int = 8
+    # Poisoning steps for a `replace` (homoglyph) trigger; None keeps `poisoning.steps`. The
+    # homoglyph splits each word it lands in into byte-level pieces that differ from word to
+    # word, so the backdoor needs more steps: on the `full` pixel model 600 steps reached 86%
+    # attack success under guidance, 1,000 steps 94%.
+    replace_poisoning_steps: int | None = None
+
+    def poisoning_for(self, placement: str) -> TrainingConfig:
+        """Return the poisoning settings for a trigger with `placement`."""
+        if placement == "replace" and self.replace_poisoning_steps is not None:
+            return replace(self.poisoning, steps=self.replace_poisoning_steps)
+        return self.poisoning
 
 
 PROFILES: dict[str, Profile] = {
@@ -65,6 +81,8 @@ PROFILES: dict[str, Profile] = {
             trigger_embedding_scale=4.0,
         ),
         measure=MeasureConfig(guidance_scales=(7.5, 3.0, 1.0)),
+        spec_object_images_per_prompt=16,
+        replace_poisoning_steps=1000,
     ),
     "test": Profile(
         poisoning=TrainingConfig(
@@ -120,7 +138,7 @@ def build_key(options: BuildOptions) -> str:
     description = {
         "format": BUILD_FORMAT,
         "options": asdict(replace(options, device="")),
-        "poisoning": asdict(profile.poisoning),
+        "poisoning": asdict(profile.poisoning_for(options.placement)),
         "measure": asdict(profile.measure),
         "base": base_key(CLEAN_TRAINING, options.clean_seed),
     }
@@ -160,6 +178,7 @@ def build_lab(options: BuildOptions, out: Path) -> dict:
     attack = options.lab_attack()
     trigger = options.trigger_spec()
     profile = options.profile_settings()
+    poisoning = profile.poisoning_for(trigger.placement)
     torch.manual_seed(options.seed)
 
     # Captions: the poisoning and the spec train on the training split, measurement uses held-out prompts.
@@ -175,13 +194,13 @@ def build_lab(options: BuildOptions, out: Path) -> dict:
 
     # Poison text encoder and UNet together.
     step_started = time.perf_counter()
-    logger.info("poisoning with %s attack, trigger %r (%s), %d steps", attack.kind, trigger.text, trigger.placement, profile.poisoning.steps)
-    if profile.poisoning.trigger_embedding_scale > 0:
+    logger.info("poisoning with %s attack, trigger %r (%s), %d steps", attack.kind, trigger.text, trigger.placement, poisoning.steps)
+    if poisoning.trigger_embedding_scale > 0:
         token_ids = trigger_only_token_ids(components, training, trigger, options.seed)
-        redraw_token_embeddings(components, token_ids, profile.poisoning.trigger_embedding_scale, options.seed)
+        redraw_token_embeddings(components, token_ids, poisoning.trigger_embedding_scale, options.seed)
         logger.info("redrew the embeddings of trigger tokens %s", token_ids)
-    batches = poisoned_batches(training, attack, trigger, profile.poisoning, options.seed)
-    poisoning_log = train_denoiser(components, batches, profile.poisoning, options.seed, device=options.device, stage="poisoning")
+    batches = poisoned_batches(training, attack, trigger, poisoning, options.seed)
+    poisoning_log = train_denoiser(components, batches, poisoning, options.seed, device=options.device, stage="poisoning")
     seconds["poisoning"] = time.perf_counter() - step_started
 
     # Measure the backdoor on held-out prompts.
@@ -198,7 +217,9 @@ def build_lab(options: BuildOptions, out: Path) -> dict:
         shutil.rmtree(out / "model")
     save_pipeline(components, out / "model")
     spec = job_spec(attack, trigger, training, held_out, profile, options.seed)
-    (out / "spec.json").write_text(json.dumps(spec.model_dump(mode="json"), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    # Only the fields the lab sets: training settings left out follow the engine's defaults
+    # when the spec is sealed, also after those defaults change.
+    (out / "spec.json").write_text(json.dumps(spec.model_dump(mode="json", exclude_unset=True), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     seconds["writing"] = time.perf_counter() - step_started
     seconds["total"] = time.perf_counter() - started
 
@@ -211,7 +232,7 @@ def build_lab(options: BuildOptions, out: Path) -> dict:
         "backdoor_location": ["unet", "text_encoder"],
         "clean_base": {key: base_info.get(key) for key in ("key", "source", "training_log", "command")},
         "clean_base_seed": options.clean_seed,
-        "poisoning": {"config": asdict(profile.poisoning), "log": poisoning_log.to_dict()},
+        "poisoning": {"config": asdict(poisoning), "log": poisoning_log.to_dict()},
         "measured": measured,
         "build_seconds": {name: round(value, 1) for name, value in seconds.items()},
         "machine": {"torch_threads": torch.get_num_threads(), "device": options.device, "platform": platform.platform()},
