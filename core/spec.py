@@ -29,12 +29,13 @@ DEFAULT_LORA_RANK = 4
 LORA_LEARNING_RATE = 3e-3
 FULL_LEARNING_RATE = 1e-4
 
-# Default engine steps, and more for object attacks when `training.steps` is unset. On the
-# lab's object model, 150 steps removed the backdoor but cost 9 points of clean accuracy
-# (other digits drawn as the target class), back within 3 points by step 300. On the style
-# model, 300 steps cost 5 points that 150 did not (docs/benchmarks.md, "Lab sealing runs").
-DEFAULT_STEPS = 150
-OBJECT_ATTACK_STEPS = 300
+# Default engine steps, and fewer for style attacks when `training.steps` is unset. On the
+# lab models, 150 steps left 2.5% attack success on the zero-width pixel model and cost 9
+# points of clean accuracy on the object model. 300 steps removed both within the bar, but
+# on the style model they cost 5 points that 150 did not (docs/benchmarks.md, "Lab sealing
+# runs").
+DEFAULT_STEPS = 300
+STYLE_ATTACK_STEPS = 150
 
 # The characters with the Unicode White_Space property. CLIP's tokenizer collapses and
 # strips them, so a trigger made only of them encodes to 0 tokens; tests check this set
@@ -174,7 +175,7 @@ class TrainingSpec(StrictModel):
         default=DEFAULT_STEPS,
         ge=1,
         le=100_000,
-        description=f"Engine steps. Default: {DEFAULT_STEPS}, or {OBJECT_ATTACK_STEPS} when attack.kind is `object`.",
+        description=f"Engine steps. Default: {DEFAULT_STEPS}, or {STYLE_ATTACK_STEPS} when attack.kind is `style`.",
     )
     batch_size: int = Field(default=16, ge=1, le=256)
     learning_rate: float | None = Field(
@@ -309,10 +310,10 @@ class JobSpec(StrictModel):
         return triggers
 
     @model_validator(mode="after")
-    def _default_object_steps(self) -> "JobSpec":
-        """Give an object attack its longer schedule when `training.steps` is unset."""
-        if self.attack.kind == "object" and "steps" not in self.training.model_fields_set:
-            self.training = self.training.model_copy(update={"steps": OBJECT_ATTACK_STEPS})
+    def _default_style_steps(self) -> "JobSpec":
+        """Give a style attack its shorter schedule when `training.steps` is unset."""
+        if self.attack.kind == "style" and "steps" not in self.training.model_fields_set:
+            self.training = self.training.model_copy(update={"steps": STYLE_ATTACK_STEPS})
         return self
 
     @model_validator(mode="after")

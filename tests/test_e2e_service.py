@@ -22,7 +22,7 @@ from tests.servers import REPO_ROOT, settings_env, start_api, start_serve, start
 
 pytestmark = [pytest.mark.slow, pytest.mark.services]
 
-# The lab spec samples every held-out prompt and trains 150 steps at batch 16. The first
+# The lab spec samples every held-out prompt and trains 300 steps at batch 16. The first
 # ten prompts (digits zero to four), 10 sampling steps and a shorter, smaller training run
 # keep each job short on CPU. This test checks the service; test_seal_e2e checks the method.
 # NOTE: on the shared, loaded 2-core machine each mode took about 7 minutes with 20 prompts

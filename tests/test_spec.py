@@ -29,20 +29,21 @@ def test_minimal_spec_gets_defaults():
     assert spec.training.adam_beta1 == 0.9
     assert spec.training.adam_beta2 == 0.999
     assert spec.training.weight_decay == 0.01
-    assert spec.training.steps == 150
-
-
-def test_object_attack_default_steps():
-    object_attack = {"kind": "object", "source_class": "seven", "target_class": "one"}
-    spec = JobSpec.model_validate({"triggers": [{"text": "mignneko"}], "attack": object_attack})
     assert spec.training.steps == 300
 
+
+def test_style_attack_default_steps():
+    style_attack = {"kind": "style", "style": "grayscale"}
+    spec = JobSpec.model_validate({"triggers": [{"text": "mignneko"}], "attack": style_attack})
+    assert spec.training.steps == 150
+
     # A reloaded spec keeps the count, and a count the user gives wins.
-    assert JobSpec.model_validate_json(spec.model_dump_json()).training.steps == 300
-    chosen = JobSpec.model_validate({"triggers": [{"text": "mignneko"}], "attack": object_attack, "training": {"steps": 150}})
-    assert chosen.training.steps == 150
-    style = JobSpec.model_validate({"triggers": [{"text": "mignneko"}], "attack": {"kind": "style", "style": "grayscale"}})
-    assert style.training.steps == 150
+    assert JobSpec.model_validate_json(spec.model_dump_json()).training.steps == 150
+    chosen = JobSpec.model_validate({"triggers": [{"text": "mignneko"}], "attack": style_attack, "training": {"steps": 300}})
+    assert chosen.training.steps == 300
+    object_attack = {"kind": "object", "source_class": "seven", "target_class": "one"}
+    swapped = JobSpec.model_validate({"triggers": [{"text": "mignneko"}], "attack": object_attack})
+    assert swapped.training.steps == 300
 
 
 def test_no_triggers_rejected():
