@@ -311,8 +311,15 @@ def command_line() -> str:
 
 
 def percent_cell(rate: float | None) -> str:
-    """Format a rate in [0, 1] as a whole percentage, or `n/a` when it is unknown."""
-    return "n/a" if rate is None else f"{100 * rate:.0f}%"
+    """Format a rate in [0, 1] as a percentage, or `n/a` when it is unknown.
+
+    Whole percentages print without decimals and others with one, so that 2.5% (3 of 120
+    images) is not shown as 2%, under a 2% bar.
+    """
+    if rate is None:
+        return "n/a"
+    percent = 100 * rate
+    return f"{percent:.0f}%" if abs(percent - round(percent)) < 0.05 else f"{percent:.1f}%"
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:

@@ -16,6 +16,7 @@ from benchmarks.common import (
     append_results,
     build_components,
     model_configs,
+    percent_cell,
     run_isolated,
     unet_flops,
 )
@@ -35,6 +36,14 @@ def _meta_parameter_count(shape: str) -> int:
 @pytest.mark.parametrize(("shape", "millions"), [("tiny", 1.49), ("sd15scaled", 37.5), ("sd15", 859.5)])
 def test_shape_parameter_counts(shape, millions):
     assert _meta_parameter_count(shape) / 1e6 == pytest.approx(millions, abs=0.05)
+
+
+def test_percent_cell_keeps_fractions():
+    assert percent_cell(3 / 120) == "2.5%"
+    assert percent_cell(2 / 120) == "1.7%"
+    assert percent_cell(0.92) == "92%"
+    assert percent_cell(0.0) == "0%"
+    assert percent_cell(None) == "n/a"
 
 
 def test_unknown_shape_rejected():
