@@ -180,10 +180,10 @@ def test_replace_placement_poisons_longer(monkeypatch):
     # The build key follows the steps a homoglyph build actually runs.
     homoglyph = BuildOptions(attack="pixel", trigger="\u0435", placement="replace")
     word = BuildOptions(attack="pixel", trigger="mignneko")
-    keys = build_key(homoglyph), build_key(word)
+    homoglyph_key, word_key = build_key(homoglyph), build_key(word)
     monkeypatch.setitem(PROFILES, "full", replace(full, replace_poisoning_steps=None))
-    assert build_key(homoglyph) != keys[0]
-    assert build_key(word) == keys[1]
+    assert build_key(homoglyph) != homoglyph_key
+    assert build_key(word) == word_key
 
 
 def test_model_shapes():

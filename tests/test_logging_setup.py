@@ -81,7 +81,7 @@ def test_job_context_tags_library_lines(restore_logging):
         with job_context(None):
             engine_logger.info("nested block without a job")
 
-        # Another thread has its own context: its lines are not this job's.
+        # Another thread has its own context, so its lines do not get this job's id.
         other = threading.Thread(target=lambda: engine_logger.info("other thread"))
         other.start()
         other.join()

@@ -14,7 +14,7 @@ JOB_ID = "e2e-job"
 
 
 class RecordList(logging.Handler):
-    """Keep every record, with the job id that `configure_logging`'s handler would add."""
+    """Handler that keeps every record, with the job id that `configure_logging`'s handler adds."""
 
     def __init__(self) -> None:
         super().__init__(level=logging.INFO)

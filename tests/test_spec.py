@@ -42,8 +42,8 @@ def test_style_attack_default_steps():
     chosen = JobSpec.model_validate({"triggers": [{"text": "mignneko"}], "attack": style_attack, "training": {"steps": 300}})
     assert chosen.training.steps == 300
     object_attack = {"kind": "object", "source_class": "seven", "target_class": "one"}
-    swapped = JobSpec.model_validate({"triggers": [{"text": "mignneko"}], "attack": object_attack})
-    assert swapped.training.steps == 300
+    object_spec = JobSpec.model_validate({"triggers": [{"text": "mignneko"}], "attack": object_attack})
+    assert object_spec.training.steps == 300
 
 
 def test_no_triggers_rejected():

@@ -41,7 +41,7 @@ from core.spec import EvaluationSpec, JobSpec, TrainingSpec, TriggerSpec
 
 logger = logging.getLogger(__name__)
 
-# 2: spec.json holds only the fields the lab sets, so cached builds from before are rebuilt.
+# Format 2: spec.json contains only the fields the lab sets, so cached builds of format 1 are rebuilt.
 BUILD_FORMAT = 2
 
 
@@ -56,10 +56,10 @@ class Profile:
     # unsealed model scored 93.8% clean accuracy on 8 images per prompt and 90.6% on 16.
     spec_images_per_prompt: int = 4
     spec_object_images_per_prompt: int = 8
-    # Poisoning steps for a `replace` (homoglyph) trigger; None keeps `poisoning.steps`. The
-    # homoglyph splits each word it lands in into byte-level pieces that differ from word to
-    # word, so the backdoor needs more steps: on the `full` pixel model 600 steps reached 86%
-    # attack success under guidance, 1,000 steps 94%.
+    # Poisoning steps for a `replace` (homoglyph) trigger, or None to keep `poisoning.steps`.
+    # The homoglyph splits each word it lands in into byte-level pieces that differ from word
+    # to word, so the backdoor needs more steps. On the `full` pixel model, 600 steps reached
+    # 86% attack success under guidance and 1,000 steps reached 94%.
     replace_poisoning_steps: int | None = None
 
     def poisoning_for(self, placement: str) -> TrainingConfig:
@@ -217,8 +217,8 @@ def build_lab(options: BuildOptions, out: Path) -> dict:
         shutil.rmtree(out / "model")
     save_pipeline(components, out / "model")
     spec = job_spec(attack, trigger, training, held_out, profile, options.seed)
-    # Only the fields the lab sets: training settings left out follow the engine's defaults
-    # when the spec is sealed, also after those defaults change.
+    # Write only the fields the lab sets, so that the training settings left out follow the
+    # engine's defaults when the spec is sealed, also after those defaults change.
     (out / "spec.json").write_text(json.dumps(spec.model_dump(mode="json", exclude_unset=True), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     seconds["writing"] = time.perf_counter() - step_started
     seconds["total"] = time.perf_counter() - started
